@@ -1,0 +1,69 @@
+"""`vllm serve`-equivalent OpenAI server with --attention-backend CUSTOM answers /v1/completions.
+
+Started as `python3 -m vllm.entrypoints.openai.api_server` (the H200 host has no console
+scripts), bound to 127.0.0.1 only; every wait is bounded and the server is always stopped.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+from vllm_blackwell_sparse.demo import TINY_LLAMA_DIR
+
+STARTUP_TIMEOUT_S = 420
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_server_with_custom_backend_answers_completions(tmp_path):
+    port = _free_port()
+    log = open(tmp_path / "server.log", "w")
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(TINY_LLAMA_DIR),
+        "--load-format", "dummy", "--host", "127.0.0.1", "--port", str(port), "--attention-backend", "CUSTOM",
+        "--max-model-len", "4096", "--gpu-memory-utilization", "0.3", "--enforce-eager",
+        "--additional-config", json.dumps({"blackwell_sparse": {}}),
+    ]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + STARTUP_TIMEOUT_S
+        while True:
+            assert proc.poll() is None, "server exited:\n" + (tmp_path / "server.log").read_text()[-5000:]
+            try:
+                if urllib.request.urlopen(base + "/health", timeout=5).status == 200:
+                    break
+            except OSError:
+                pass
+            assert time.time() < deadline, "server not healthy in time:\n" + (tmp_path / "server.log").read_text()[-5000:]
+            time.sleep(3)
+        body = json.dumps(
+            {"model": str(TINY_LLAMA_DIR), "prompt": "Long-context serving spends", "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+        ).encode()
+        req = urllib.request.Request(base + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+        reply = json.loads(urllib.request.urlopen(req, timeout=120).read())
+        text = reply["choices"][0]["text"]
+        print("completion:", repr(text), reply.get("usage"))
+        assert isinstance(text, str) and text.strip()
+        assert reply["usage"]["completion_tokens"] == 16
+        server_log = (tmp_path / "server.log").read_text()
+        assert "BlackwellSparse" in server_log or "CUSTOM" in server_log
+        if os.environ.get("VBS_TEST_ARTIFACTS"):
+            with open(os.path.join(os.environ["VBS_TEST_ARTIFACTS"], "server_reply.json"), "w") as f:
+                json.dump(reply, f, indent=1)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()

@@ -1,0 +1,189 @@
+"""What the CUSTOM backend accepts and refuses at startup, checked through vLLM's own
+validate_configuration (the reasons vLLM prints when a user selects CUSTOM)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from vllm.platforms.interface import DeviceCapability
+from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
+
+from vllm_blackwell_sparse.backend import (
+    BlackwellSparseBackend,
+    BlackwellSparseImpl,
+    BlackwellSparseMetadataBuilder,
+)
+
+H200 = DeviceCapability(9, 0)
+B200 = DeviceCapability(10, 0)
+
+
+def reasons(**overrides):
+    kw = dict(
+        head_size=128, dtype=torch.bfloat16, kv_cache_dtype="auto", block_size=128, use_mla=False,
+        has_sink=False, use_sparse=False, use_mm_prefix=False, use_per_head_quant_scales=False,
+        device_capability=H200, attn_type=AttentionType.DECODER,
+    )
+    kw.update(overrides)
+    return BlackwellSparseBackend.validate_configuration(**kw)
+
+
+@pytest.mark.parametrize("head_size", [64, 96, 128, 192, 256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [16, 32, 64, 128, 256, None])
+def test_supported_on_hopper(head_size, dtype, block_size):
+    assert reasons(head_size=head_size, dtype=dtype, block_size=block_size) == []
+
+
+@pytest.mark.parametrize("head_size", [64, 128])
+def test_supported_on_blackwell(head_size):
+    assert reasons(head_size=head_size, device_capability=B200) == []
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (dict(kv_cache_dtype="fp8"), "kv_cache_dtype"),
+        (dict(kv_cache_dtype="fp8_e4m3"), "kv_cache_dtype"),
+        (dict(dtype=torch.float32), "dtype"),
+        (dict(head_size=80), "head_size 80"),
+        (dict(head_size=256, device_capability=B200), "head_size 256 is not supported on sm10x"),
+        (dict(device_capability=DeviceCapability(8, 0)), "compute capability"),
+        (dict(device_capability=DeviceCapability(12, 0)), "compute capability"),
+        (dict(block_size=8), "block_size"),
+        (dict(has_sink=True), "sinks"),
+        (dict(use_mla=True), "MLA"),
+        (dict(use_sparse=True), "sparse"),
+        (dict(use_mm_prefix=True), "multimodal"),
+        (dict(attn_type=AttentionType.ENCODER), "attention type"),
+        (dict(attn_type=AttentionType.ENCODER_DECODER), "attention type"),
+        (dict(has_sliding_window=True), "sliding window"),
+        (dict(use_non_causal=True), "non-causal"),
+    ],
+)
+def test_refused_with_a_reason(overrides, fragment):
+    got = reasons(**overrides)
+    assert got, f"{overrides} should be refused"
+    assert any(fragment in r for r in got), got
+
+
+def test_blasst_factor_without_kernel_is_refused_at_startup(monkeypatch):
+    monkeypatch.setenv("VBS_DECODE_THRESHOLD_SCALE_FACTOR", "20")
+    got = reasons()
+    assert any("decode_threshold_scale_factor" in r and "no BLASST decode kernel" in r for r in got), got
+
+
+def test_invalid_config_is_a_startup_reason(monkeypatch):
+    monkeypatch.setenv("VBS_GVR_TOPK", "perhaps")
+    assert any("VBS_GVR_TOPK" in r for r in reasons())
+
+
+def test_kv_cache_layout_is_kv_planar():
+    shape = BlackwellSparseBackend.get_kv_cache_shape(100, 128, 8, 128)
+    assert shape == (2, 100, 128, 8, 128)
+    assert BlackwellSparseBackend.get_kv_cache_block_dim(128, 8, 128) == 1
+    with pytest.raises(ValueError, match="multiple of 16"):
+        BlackwellSparseBackend.get_kv_cache_shape(100, 8, 8, 128)
+
+
+def test_prefers_128_token_blocks():
+    assert BlackwellSparseBackend.get_preferred_block_size(16) == 128
+
+
+def test_cudagraph_support_is_uniform_batch():
+    from vllm.v1.attention.backend import AttentionCGSupport
+
+    assert BlackwellSparseMetadataBuilder.get_cudagraph_support(None, None) == AttentionCGSupport.UNIFORM_BATCH
+
+
+IMPL_ARGS = dict(num_heads=8, head_size=128, scale=128**-0.5, num_kv_heads=2)
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (dict(alibi_slopes=[0.1] * 8), "ALiBi"),
+        (dict(sliding_window=4096), "sliding-window"),
+        (dict(logits_soft_cap=30.0), "soft-capping"),
+        (dict(sinks=torch.zeros(8)), "sinks"),
+        (dict(attn_type=AttentionType.ENCODER_ONLY), "attention type"),
+        (dict(kv_cache_dtype="fp8"), "kv_cache_dtype"),
+        (dict(block_m=64), "block_m"),
+    ],
+)
+def test_impl_refuses_unsupported_features(extra, fragment):
+    with pytest.raises(NotImplementedError, match=fragment):
+        BlackwellSparseImpl(**IMPL_ARGS, **extra)
+
+
+def test_impl_accepts_plain_decoder_attention():
+    impl = BlackwellSparseImpl(**IMPL_ARGS, logits_soft_cap=None)
+    assert impl.num_kv_heads == 2 and impl.scale == pytest.approx(128**-0.5)
+
+
+def test_impl_refuses_blasst_factor_without_kernel(monkeypatch):
+    monkeypatch.setenv("VBS_PREFILL_THRESHOLD_SCALE_FACTOR", "1000")
+    with pytest.raises(ValueError, match="prefill_threshold_scale_factor"):
+        BlackwellSparseImpl(**IMPL_ARGS)
+
+
+def test_profiling_run_returns_zeros():
+    impl = BlackwellSparseImpl(**IMPL_ARGS)
+    out = torch.full((4, 8, 128), 7.0)
+    got = impl.forward(None, torch.randn(4, 8, 128), None, None, torch.empty(0), None, out)
+    assert got is out and bool((out == 0).all())
+
+
+def make_builder():
+    vllm_config = SimpleNamespace(
+        speculative_config=None, parallel_config=SimpleNamespace(decode_context_parallel_size=1)
+    )
+    return BlackwellSparseMetadataBuilder(kv_cache_spec=None, layer_names=["l0"], vllm_config=vllm_config, device="cpu")
+
+
+def common_metadata(query_lens, seq_lens, causal=True):
+    qsl = torch.tensor([0] + torch.tensor(query_lens).cumsum(0).tolist(), dtype=torch.int32)
+    return CommonAttentionMetadata(
+        query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        num_reqs=len(query_lens), num_actual_tokens=int(qsl[-1]), max_query_len=max(query_lens),
+        max_seq_len=max(seq_lens), block_table_tensor=torch.zeros(len(query_lens), 4, dtype=torch.int32),
+        slot_mapping=torch.arange(int(qsl[-1])), causal=causal,
+    )
+
+
+def test_builder_splits_decodes_from_prefills():
+    b = make_builder()
+    assert b.reorder_batch_threshold == 1
+    md = b.build(0, common_metadata([1, 1, 1, 37, 5], [100, 200, 300, 37, 400]))
+    assert (md.num_decodes, md.num_decode_tokens, md.num_prefills, md.num_prefill_tokens) == (3, 3, 2, 42)
+    assert md.num_actual_tokens == 45 and md.max_query_len == 37 and md.max_seq_len == 400
+    md = b.build(0, common_metadata([1, 1], [10, 20]))
+    assert (md.num_decodes, md.num_prefills) == (2, 0)
+
+
+def test_builder_refuses_non_causal():
+    with pytest.raises(NotImplementedError, match="causal"):
+        make_builder().build(0, common_metadata([3], [3], causal=False))
+
+
+def test_forward_hands_fa4_the_kv_planes_and_unpadded_slices(monkeypatch):
+    """The glue passes FA4 K = plane 0, V = plane 1, the metadata, and only the real tokens."""
+    import vllm_blackwell_sparse.backend as backend
+    from vllm_blackwell_sparse.reference import paged_attention_dense
+
+    def fake_fa4(q, k, v, *, out, cu_seqlens_q, seq_lens, block_table, max_query_len, max_seq_len, softmax_scale):
+        out.copy_(paged_attention_dense(q, k, v, block_table, cu_seqlens_q, seq_lens, softmax_scale).to(out.dtype))
+        return out
+
+    monkeypatch.setattr(backend, "fa4_paged_attention", fake_fa4)
+    g = torch.Generator().manual_seed(0)
+    impl = BlackwellSparseImpl(**IMPL_ARGS)
+    kv = torch.randn(2, 6, 16, 2, 128, generator=g)
+    md = make_builder().build(0, common_metadata([1, 3], [20, 30]))
+    md.block_table = torch.tensor([[4, 1], [0, 5]], dtype=torch.int32)
+    q = torch.randn(6, 8, 128, generator=g)  # 4 real tokens + 2 CUDA-graph padding rows
+    out = torch.full((6, 8, 128), 5.0)
+    impl.forward(None, q, None, None, kv, md, out)
+    want = paged_attention_dense(q[:4], kv[0], kv[1], md.block_table, md.query_start_loc, md.seq_lens, impl.scale)
+    torch.testing.assert_close(out[:4], want)
+    assert bool((out[4:] == 5.0).all())  # padding rows untouched

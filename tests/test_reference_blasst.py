@@ -1,0 +1,200 @@
+"""The BLASST oracle against naive dense attention and against the rule's own consequences."""
+
+import math
+import random
+
+import pytest
+import torch
+
+from vllm_blackwell_sparse.reference import blasst_attention_reference, blasst_log_lambda, paged_attention_dense
+from vllm_blackwell_sparse.workloads import PeakedAttentionParams, make_paged_kv, peaked_attention_case
+
+
+def random_case(seed):
+    """Fresh random varlen paged problem: GQA/MHA/MQA, decode and chunked-prefill rows."""
+    rng = random.Random(seed)
+    hkv = rng.choice([1, 2, 4])
+    g = rng.choice([1, 2, 4, 8])
+    d = rng.choice([16, 32, 64])
+    bs = rng.choice([16, 32, 64])
+    b = rng.randint(1, 4)
+    seq_lens = [rng.randint(1, 700) for _ in range(b)]
+    q_lens = [rng.choice([1, 1, 2, rng.randint(1, n)]) if n > 1 else 1 for n in seq_lens]
+    q_lens = [min(q, n) for q, n in zip(q_lens, seq_lens)]
+    k, v, table = make_paged_kv(seq_lens, hkv, d, bs, dtype=torch.float32, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 100)
+    q = torch.randn(sum(q_lens), hkv * g, d, generator=gen)
+    cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    return dict(q=q, k_cache=k, v_cache=v, block_table=table, cu_seqlens_q=cu, seq_lens=torch.tensor(seq_lens)), rng
+
+
+ARGS = ("q", "k_cache", "v_cache", "block_table", "cu_seqlens_q", "seq_lens")
+
+
+def args_of(case):
+    return [case[k] for k in ARGS]
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_factor_unset_equals_dense(seed):
+    case, rng = random_case(seed)
+    res = blasst_attention_reference(
+        *args_of(case),
+        kv_tile_size=rng.choice([16, 64, 128]),
+        q_tile_rows=rng.choice([None, 1, 4, 64]),
+        num_splits=rng.choice([1, 2, 3]),
+        visit_order=rng.choice(["ascending", "descending"]),
+    )
+    torch.testing.assert_close(res.out, paged_attention_dense(*args_of(case)), rtol=1e-4, atol=1e-5)
+    assert res.skipped_tiles == 0
+    assert bool(torch.isnan(res.decisions.margin).all())
+
+
+def test_non_causal_equals_dense():
+    case, _ = random_case(3)
+    res = blasst_attention_reference(*args_of(case), causal=False, kv_tile_size=32)
+    torch.testing.assert_close(res.out, paged_attention_dense(*args_of(case), causal=False), rtol=1e-4, atol=1e-5)
+
+
+def test_lse_matches_dense_logsumexp():
+    case, _ = random_case(7)
+    res = blasst_attention_reference(*args_of(case), kv_tile_size=64, num_splits=2)
+    # Row 0 of request 0, head 0, directly.
+    from vllm_blackwell_sparse.reference import gather_paged_kv
+
+    n = int(case["seq_lens"][0])
+    q_len = int(case["cu_seqlens_q"][1])
+    keys = gather_paged_kv(case["k_cache"], case["block_table"][0], n)[: n - q_len + 1, 0]
+    s = keys.float() @ case["q"][0, 0].float() / math.sqrt(case["q"].shape[-1])
+    assert res.lse[0, 0].item() == pytest.approx(torch.logsumexp(s, 0).item(), rel=1e-5)
+
+
+def test_lambda_at_least_one_never_skips():
+    assert blasst_log_lambda(None, 100) is None
+    assert blasst_log_lambda(100.0, 100) is None  # λ = 1
+    assert blasst_log_lambda(500.0, 100) is None  # λ > 1
+    assert blasst_log_lambda(1.0, 100) == pytest.approx(math.log(0.01))
+    with pytest.raises(ValueError, match="threshold_scale_factor"):
+        blasst_log_lambda(-1.0, 100)
+    case = peaked_attention_case([300], [1], 4, 1, 32, 16)
+    res = blasst_attention_reference(*args_of(case), threshold_scale_factor=300.0, kv_tile_size=16)
+    assert res.skipped_tiles == 0 and res.eligible_tiles > 0 and res.per_request_lambda == [None]
+
+
+def peaked(seed=0, peak=9.0, seq_lens=(4096, 3000), q_lens=(1, 1), g=4, hkv=2, d=64):
+    return peaked_attention_case(list(seq_lens), list(q_lens), g * hkv, hkv, d, 16, PeakedAttentionParams(peak=peak, seed=seed))
+
+
+def test_peaked_attention_skips_and_error_is_bounded():
+    """A skipped key has p < λ relative to the running max, and the final normaliser is >= 1,
+    so the dropped probability mass of a row is < (#skipped keys) · λ and the output error
+    is at most 2 · dropped mass · max|v|."""
+    case = peaked()
+    dense = paged_attention_dense(*args_of(case))
+    factor = 50.0
+    res = blasst_attention_reference(*args_of(case), threshold_scale_factor=factor, kv_tile_size=128)
+    assert res.sparsity > 0.5, res.sparsity
+    vmax = case["v_cache"].float().abs().max().item()
+    for b, n in enumerate(case["seq_lens"].tolist()):
+        lam = factor / n
+        sel = res.decisions.request == b
+        skipped_keys = int(res.decisions.skipped[sel].sum()) * 128  # per KV head, upper bound
+        bound = 2 * skipped_keys * lam * vmax
+        tok = slice(int(case["cu_seqlens_q"][b]), int(case["cu_seqlens_q"][b + 1]))
+        err = (res.out[tok] - dense[tok]).abs().max().item()
+        assert err <= bound, (b, err, bound)
+
+
+def test_decisions_are_monotone_in_the_factor():
+    """Skipping never changes the running max (a skipped tile is below it), so a larger λ
+    skips a superset of the tiles a smaller λ skips."""
+    case = peaked(seed=1, peak=7.0)
+    prev = None
+    for factor in (0.5, 2.0, 10.0, 60.0, 400.0):
+        res = blasst_attention_reference(*args_of(case), threshold_scale_factor=factor, kv_tile_size=64, num_splits=2)
+        if prev is not None:
+            assert bool((prev.decisions.skipped <= res.decisions.skipped).all())
+        prev = res
+    assert prev.skipped_tiles > 0
+
+
+def test_group_decision_is_the_and_of_row_decisions():
+    """Rows that vote together skip iff every row alone would skip (running maxima evolve the
+    same whether or not tiles are skipped)."""
+    case = peaked(seed=2, peak=8.0, q_lens=(3, 2), g=4)
+    kw = dict(threshold_scale_factor=30.0, kv_tile_size=64)
+    group = blasst_attention_reference(*args_of(case), **kw)  # all packed rows of a request vote together
+    rows = blasst_attention_reference(*args_of(case), q_tile_rows=1, **kw)  # every row alone
+    assert group.skipped_tiles > 0
+    gd, rd = group.decisions, rows.decisions
+    for i in range(len(gd)):
+        # The same (request, KV head, tile) for every row of the group.
+        sel = (rd.request == gd.request[i]) & (rd.kv_head == gd.kv_head[i]) & (rd.kv_tile == gd.kv_tile[i])
+        assert bool(gd.skipped[i]) == bool(rd.skipped[sel].all())
+
+
+def test_padding_rows_do_not_vote():
+    """One request with G = 4 live rows in a 64-row tile decides exactly like a 4-row tile."""
+    case = peaked(seed=3, q_lens=(1, 1), g=4)
+    a = blasst_attention_reference(*args_of(case), threshold_scale_factor=40.0, q_tile_rows=64)
+    b = blasst_attention_reference(*args_of(case), threshold_scale_factor=40.0, q_tile_rows=4)
+    assert a.skipped_tiles > 0
+    assert torch.equal(a.decisions.skipped, b.decisions.skipped)
+    torch.testing.assert_close(a.out, b.out)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 5])
+@pytest.mark.parametrize("visit_order", ["ascending", "descending"])
+def test_first_tile_of_every_split_is_never_eligible(num_splits, visit_order):
+    case = peaked(seed=4, seq_lens=(2048, 1000))
+    tile = 128
+    res = blasst_attention_reference(
+        *args_of(case), threshold_scale_factor=50.0, kv_tile_size=tile, num_splits=num_splits, visit_order=visit_order
+    )
+    hkv = case["k_cache"].shape[2]
+    expected = 0
+    for n in case["seq_lens"].tolist():
+        n_tiles = -(-n // tile)
+        per = -(-n_tiles // num_splits)
+        splits = len([s for s in range(num_splits) if s * per < n_tiles])
+        expected += (n_tiles - splits) * hkv
+    assert res.eligible_tiles == expected
+    assert res.skipped_tiles > 0
+    # The first visited tile of a split never appears among the decisions of that split.
+    for s in range(num_splits):
+        sel = res.decisions.split == s
+        for req, n in enumerate(case["seq_lens"].tolist()):
+            n_tiles = -(-n // tile)
+            per = -(-n_tiles // num_splits)
+            t0, t1 = s * per, min((s + 1) * per, n_tiles)
+            if t0 < t1:
+                f = t0 if visit_order == "ascending" else t1 - 1
+                assert not bool(((res.decisions.kv_tile == f) & sel & (res.decisions.request == req)).any())
+
+
+def test_margin_is_distance_of_worst_row_to_threshold():
+    case = peaked(seed=5)
+    res = blasst_attention_reference(*args_of(case), threshold_scale_factor=20.0, q_tile_rows=1)
+    assert bool((res.decisions.margin >= 0).all())
+    assert res.num_ambiguous(1e-3) <= len(res.decisions)
+    assert res.num_ambiguous(float("inf")) == len(res.decisions)
+
+
+def test_sparsity_grows_with_peakedness():
+    sp = [
+        blasst_attention_reference(*args_of(peaked(seed=6, peak=p)), threshold_scale_factor=20.0).sparsity
+        for p in (0.0, 6.0, 10.0)
+    ]
+    assert sp[0] < sp[1] < sp[2], sp
+
+
+def test_bad_arguments_are_named():
+    case = peaked()
+    with pytest.raises(ValueError, match="visit_order"):
+        blasst_attention_reference(*args_of(case), visit_order="random")
+    with pytest.raises(ValueError, match="num_splits"):
+        blasst_attention_reference(*args_of(case), num_splits=0)
+    with pytest.raises(ValueError, match="kv_tile_size"):
+        blasst_attention_reference(*args_of(case), kv_tile_size=0)
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        blasst_attention_reference(case["q"][:, :3], *args_of(case)[1:])

@@ -1,0 +1,326 @@
+"""vLLM glue: the attention backend registered as ``CUSTOM``.
+
+Backend / metadata builder / impl, in vLLM 0.26's shape. This layer knows vLLM's
+backend API and configuration and launches kernels; it contains no kernel code.
+Dense prefill and decode both run FlashAttention-4 (CuTe DSL, vendored by vLLM as
+``vllm.vllm_flash_attn.cute``) on the paged KV cache.
+
+GPU-only modules are imported inside the functions that need them: this module is
+imported in vLLM's API-server process and on machines without CUDA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from vllm.logger import init_logger
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+from vllm.v1.attention.backends.utils import split_decodes_and_prefills
+
+from vllm_blackwell_sparse.config import ConfigError, load_config, unavailable_feature_reasons
+
+logger = init_logger(__name__)
+
+# Head sizes FA4's paged forward handles per architecture family (major capability).
+# sm90: FA4's Hopper kernel; sm100: its Blackwell kernel covers d <= 128 for d == dv
+# (192/128 and 256/256 are MLA / dedicated shapes our backend does not route).
+SUPPORTED_HEAD_SIZES = {9: (64, 96, 128, 192, 256), 10: (64, 96, 128)}
+# FA4 uses TMA for paged KV when the page equals its KV tile (128 keys for these head
+# sizes) and a slower cp.async path otherwise (20-30% slower at 16-token pages on the
+# H200, see docs/BENCHMARKS.md), so 128-token blocks are preferred.
+PREFERRED_BLOCK_SIZE = 128
+KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")
+
+
+class BlackwellSparseBackend(AttentionBackend):
+    """Decoder self-attention on FA4 with a K/V-planar paged cache."""
+
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = list(KV_CACHE_DTYPES)
+    # The cache write is a separate op (vllm::unified_kv_cache_update), as in FLASH_ATTN.
+    forward_includes_kv_cache_update: bool = False
+
+    @staticmethod
+    def get_name() -> str:
+        # vLLM 0.26 maps the backend class back to its enum member by this name.
+        return "CUSTOM"
+
+    @staticmethod
+    def get_impl_cls() -> type["BlackwellSparseImpl"]:
+        return BlackwellSparseImpl
+
+    @staticmethod
+    def get_builder_cls() -> type["BlackwellSparseMetadataBuilder"]:
+        return BlackwellSparseMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes() -> list[int | MultipleOf]:
+        return [MultipleOf(16)]
+
+    @classmethod
+    def get_preferred_block_size(cls, default_block_size: int) -> int:
+        # Only consulted when the user did not pass --block-size.
+        return PREFERRED_BLOCK_SIZE
+
+    @staticmethod
+    def get_kv_cache_shape(
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_size: int,
+        cache_dtype_str: str = "auto",
+    ) -> tuple[int, ...]:
+        # K and V in separate planes, each [num_blocks, block_size, Hkv, D]. FA4 reads
+        # both as (num_pages, page_size, Hkv, D); a BLASST decode kernel that skips a
+        # KV tile then touches no byte of its V (with FLASH_ATTN's layout K and V of a
+        # token sit side by side in one row).
+        if block_size % 16 != 0:
+            raise ValueError(f"block_size must be a multiple of 16, got {block_size}")
+        return (2, num_blocks, block_size, num_kv_heads, head_size)
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return sorted({h for sizes in SUPPORTED_HEAD_SIZES.values() for h in sizes})
+
+    @classmethod
+    def supports_compute_capability(cls, capability) -> bool:
+        return capability.major in SUPPORTED_HEAD_SIZES
+
+    @classmethod
+    def supports_combination(
+        cls,
+        head_size: int,
+        dtype: torch.dtype,
+        kv_cache_dtype,
+        block_size: int | None,
+        use_mla: bool,
+        has_sink: bool,
+        use_sparse: bool,
+        use_mm_prefix: bool,
+        device_capability,
+    ) -> str | None:
+        reasons = []
+        sizes = SUPPORTED_HEAD_SIZES.get(device_capability.major)
+        if sizes is None:
+            reasons.append(
+                f"compute capability {device_capability.major}.{device_capability.minor} is not supported "
+                "(FA4 on sm90 / sm100 only)"
+            )
+        elif head_size not in sizes:
+            reasons.append(
+                f"head_size {head_size} is not supported on sm{device_capability.major}x; "
+                f"supported: {list(sizes)}"
+            )
+        try:
+            reasons += unavailable_feature_reasons(load_config())
+        except ConfigError as e:
+            reasons.append(str(e))
+        return "; ".join(reasons) or None
+
+
+@dataclass
+class BlackwellSparseMetadata:
+    """Per-batch metadata, shared by all layers of a KV-cache group."""
+
+    num_actual_tokens: int  # tokens excluding CUDA-graph padding
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc: torch.Tensor  # [B+1] int32
+    seq_lens: torch.Tensor  # [B] int32, KV length including this step's tokens
+    block_table: torch.Tensor  # [B, max_blocks] int32
+    slot_mapping: torch.Tensor  # [num_tokens] int64
+    # The batch is reordered decode-first (query_len <= reorder threshold).
+    num_decodes: int = 0
+    num_decode_tokens: int = 0
+    num_prefills: int = 0
+    num_prefill_tokens: int = 0
+
+
+class BlackwellSparseMetadataBuilder(AttentionMetadataBuilder[BlackwellSparseMetadata]):
+    # FA4 is captured for uniform batches (all decode, same query length), as vLLM's
+    # own FA4 path declares: its launch configuration depends on max_seqlen_q, so a
+    # graph captured for one query length is not valid for a mixed batch.
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_BATCH
+    supports_update_block_table: bool = True
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        # Decodes (and spec-decode verification rows) first, then prefills.
+        self._init_reorder_batch_threshold(1, supports_spec_as_decode=True)
+
+    def build(
+        self,
+        common_prefix_len: int,
+        common_attn_metadata: CommonAttentionMetadata,
+        fast_build: bool = False,
+    ) -> BlackwellSparseMetadata:
+        cm = common_attn_metadata
+        if cm.causal is not True:
+            raise NotImplementedError("the CUSTOM (blackwell_sparse) backend supports causal decoder attention only")
+        num_decodes, num_prefills, num_decode_tokens, num_prefill_tokens = split_decodes_and_prefills(
+            cm, decode_threshold=self.reorder_batch_threshold
+        )
+        return BlackwellSparseMetadata(
+            num_actual_tokens=cm.num_actual_tokens,
+            max_query_len=cm.max_query_len,
+            max_seq_len=cm.max_seq_len,
+            query_start_loc=cm.query_start_loc,
+            seq_lens=cm.seq_lens,
+            block_table=cm.block_table_tensor,
+            slot_mapping=cm.slot_mapping,
+            num_decodes=num_decodes,
+            num_decode_tokens=num_decode_tokens,
+            num_prefills=num_prefills,
+            num_prefill_tokens=num_prefill_tokens,
+        )
+
+    def update_block_table(self, metadata, blk_table, slot_mapping):
+        metadata.block_table = blk_table
+        metadata.slot_mapping = slot_mapping
+        return metadata
+
+
+class BlackwellSparseImpl(AttentionImpl[BlackwellSparseMetadata]):
+    """Per-layer attention: cache write + FA4 over the paged cache."""
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int | None = None,
+        alibi_slopes: list[float] | None = None,
+        sliding_window: int | None = None,
+        kv_cache_dtype: str = "auto",
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        sinks: torch.Tensor | None = None,
+        **unsupported_kwargs,
+    ) -> None:
+        refused = []
+        if alibi_slopes is not None:
+            refused.append("ALiBi")
+        if sliding_window is not None:
+            refused.append("sliding-window attention")
+        if logits_soft_cap:
+            refused.append("logits soft-capping")
+        if sinks is not None:
+            refused.append("attention sinks")
+        if attn_type != AttentionType.DECODER:
+            refused.append(f"attention type {attn_type!r} (decoder self-attention only)")
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            refused.append(f"kv_cache_dtype={kv_cache_dtype!r} (accepted: {list(KV_CACHE_DTYPES)})")
+        if unsupported_kwargs:
+            refused.append(f"options {sorted(unsupported_kwargs)}")
+        if refused:
+            raise NotImplementedError(
+                "the CUSTOM (blackwell_sparse) attention backend does not support: " + ", ".join(refused)
+                + ". Use another --attention-backend for this model."
+            )
+        cfg = load_config()
+        reasons = unavailable_feature_reasons(cfg)
+        if reasons:
+            raise ValueError("; ".join(reasons))
+        self.config = cfg
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        self.kv_cache_dtype = kv_cache_dtype
+        self.attn_type = attn_type
+        self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        from vllm._custom_ops import reshape_and_cache_flash
+
+        key_cache, value_cache = kv_cache.unbind(0)
+        # key/value may be padded for CUDA graphs; the op writes slot_mapping.numel()
+        # tokens and skips slots of -1.
+        reshape_and_cache_flash(
+            key, value, key_cache, value_cache, slot_mapping, self.kv_cache_dtype, layer._k_scale, layer._v_scale
+        )
+
+    def forward(
+        self,
+        layer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: BlackwellSparseMetadata,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """query ``[num_tokens, Hq, D]``, kv_cache ``[2, num_blocks, block_size, Hkv, D]``,
+        output ``[num_tokens, Hq, D]`` (written in place and returned)."""
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("fused output quantization is not supported by the CUSTOM backend")
+        if attn_metadata is None:  # vLLM's memory-profiling run
+            return output.fill_(0)
+        n = attn_metadata.num_actual_tokens
+        key_cache, value_cache = kv_cache.unbind(0)
+        fa4_paged_attention(
+            query[:n],
+            key_cache,
+            value_cache,
+            out=output[:n],
+            cu_seqlens_q=attn_metadata.query_start_loc,
+            seq_lens=attn_metadata.seq_lens,
+            block_table=attn_metadata.block_table,
+            max_query_len=attn_metadata.max_query_len,
+            max_seq_len=attn_metadata.max_seq_len,
+            softmax_scale=self.scale,
+        )
+        return output
+
+
+def fa4_paged_attention(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    *,
+    out: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    max_query_len: int,
+    max_seq_len: int,
+    softmax_scale: float,
+) -> torch.Tensor:
+    """Causal varlen attention of ``q`` over the paged cache with FA4 (dense).
+
+    Goes through vLLM's FlashAttention wrapper with ``fa_version=4``, the same call
+    FLASH_ATTN makes with ``flash_attn_version=4``, so both run identical kernels.
+    ``num_splits=0`` lets FA4 choose split-KV from ``max_seq_len``.
+    """
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func(
+        q=q,
+        k=key_cache,
+        v=value_cache,
+        out=out,
+        cu_seqlens_q=cu_seqlens_q,
+        max_seqlen_q=max_query_len,
+        seqused_k=seq_lens,
+        max_seqlen_k=max_seq_len,
+        softmax_scale=softmax_scale,
+        causal=True,
+        block_table=block_table,
+        num_splits=0,
+        fa_version=4,
+    )

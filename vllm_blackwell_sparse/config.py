@@ -1,0 +1,162 @@
+"""The plugin's configuration: ``additional_config["blackwell_sparse"]`` plus ``VBS_*`` overrides.
+
+Users set it through vLLM's own channel, so it is part of vLLM's config hash and
+reaches every vLLM process with the ``VllmConfig``::
+
+    vllm serve M --additional-config '{"blackwell_sparse": {"decode_threshold_scale_factor": 20}}'
+    LLM(M, additional_config={"blackwell_sparse": {"gvr_topk": True}})
+
+An environment variable ``VBS_<KEY upper-case>`` overrides the key of the same name
+(``VBS_DECODE_THRESHOLD_SCALE_FACTOR=20``; ``none`` or an empty value unsets a factor).
+This module is readable from any process, with or without our attention backend
+selected (the DeepSeek-V3.2 DSA path does not use it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping
+
+CONFIG_SECTION = "blackwell_sparse"
+ENV_PREFIX = "VBS_"
+
+_FACTOR_HELP = "a finite number > 0, or null to disable skipping (λ = factor / kv_len)"
+_BOOL_HELP = "true or false"
+_KEY_HELP = {
+    "prefill_threshold_scale_factor": _FACTOR_HELP,
+    "decode_threshold_scale_factor": _FACTOR_HELP,
+    "gvr_topk": _BOOL_HELP,
+}
+
+
+class ConfigError(ValueError):
+    """A bad ``blackwell_sparse`` setting; the message names the key and what it accepts."""
+
+
+@dataclass(frozen=True)
+class BlackwellSparseConfig:
+    """Validated settings. ``None`` for a threshold factor means dense (no skipping)."""
+
+    prefill_threshold_scale_factor: float | None = None
+    decode_threshold_scale_factor: float | None = None
+    gvr_topk: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def blasst_requested(self) -> bool:
+        return self.prefill_threshold_scale_factor is not None or self.decode_threshold_scale_factor is not None
+
+
+def _parse_factor(key: str, value: Any, source: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("", "none", "null"):
+            return None
+        try:
+            value = float(text)
+        except ValueError:
+            raise ConfigError(f"{source}{key}={value!r} is not a number; expected {_FACTOR_HELP}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{source}{key}={value!r} has type {type(value).__name__}; expected {_FACTOR_HELP}")
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{source}{key}={value!r} is out of range; expected {_FACTOR_HELP}")
+    return value
+
+
+def _parse_bool(key: str, value: Any, source: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off", ""):
+            return False
+    raise ConfigError(f"{source}{key}={value!r} is not a boolean; expected {_BOOL_HELP}")
+
+
+_PARSERS = {
+    "prefill_threshold_scale_factor": _parse_factor,
+    "decode_threshold_scale_factor": _parse_factor,
+    "gvr_topk": _parse_bool,
+}
+
+
+def parse_config(section: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> BlackwellSparseConfig:
+    """Validate a ``blackwell_sparse`` mapping and apply ``VBS_*`` overrides from ``environ``."""
+    if section is None:
+        section = {}
+    if not isinstance(section, Mapping):
+        raise ConfigError(
+            f'additional_config["{CONFIG_SECTION}"] must be a JSON object, got {type(section).__name__}; '
+            f"accepted keys: {sorted(_KEY_HELP)}"
+        )
+    unknown = sorted(set(section) - set(_PARSERS))
+    if unknown:
+        raise ConfigError(
+            f'unknown key(s) {unknown} in additional_config["{CONFIG_SECTION}"]; accepted keys: '
+            + ", ".join(f"{k} ({h})" for k, h in _KEY_HELP.items())
+        )
+    values = {k: _PARSERS[k](k, v, f'additional_config["{CONFIG_SECTION}"].') for k, v in section.items()}
+    environ = os.environ if environ is None else environ
+    for key, parse in _PARSERS.items():
+        env_name = ENV_PREFIX + key.upper()
+        if env_name in environ:
+            values[key] = parse(key, environ[env_name], f"environment variable {env_name}: ")
+    return BlackwellSparseConfig(**values)
+
+
+def section_from_additional_config(additional_config: Any) -> Mapping[str, Any] | None:
+    """Our section of ``VllmConfig.additional_config`` (a dict, or a JSON string)."""
+    if additional_config is None:
+        return None
+    if isinstance(additional_config, str):
+        try:
+            additional_config = json.loads(additional_config) if additional_config.strip() else {}
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"additional_config is not valid JSON: {e}") from None
+    if not isinstance(additional_config, Mapping):
+        return None
+    return additional_config.get(CONFIG_SECTION)
+
+
+def load_config(vllm_config: Any | None = None) -> BlackwellSparseConfig:
+    """The plugin configuration of ``vllm_config`` (default: vLLM's current config).
+
+    Works in any vLLM process; outside a vLLM config context it reads only ``VBS_*``.
+    """
+    if vllm_config is None:
+        try:
+            from vllm.config import get_current_vllm_config_or_none
+
+            vllm_config = get_current_vllm_config_or_none()
+        except ImportError:  # pragma: no cover - older vLLM without the helper
+            vllm_config = None
+    additional = getattr(vllm_config, "additional_config", None) if vllm_config is not None else None
+    return parse_config(section_from_additional_config(additional))
+
+
+# Which BLASST phases have a kernel in this release. A phase asked for without one is
+# refused at startup: never a silently dense result.
+BLASST_KERNEL_AVAILABLE = {"prefill": False, "decode": False}
+
+
+def unavailable_feature_reasons(cfg: BlackwellSparseConfig) -> list[str]:
+    """Reasons why ``cfg`` asks for something this release cannot do (empty if fine)."""
+    reasons = []
+    for phase in ("prefill", "decode"):
+        key = f"{phase}_threshold_scale_factor"
+        if getattr(cfg, key) is not None and not BLASST_KERNEL_AVAILABLE[phase]:
+            reasons.append(
+                f"{CONFIG_SECTION}.{key} is set, but this release has no BLASST {phase} kernel yet; "
+                f"unset it (dense attention) or upgrade vllm-blackwell-sparse"
+            )
+    return reasons

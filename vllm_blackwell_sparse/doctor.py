@@ -1,0 +1,118 @@
+"""``vbs doctor``: what this machine can run, and whether vLLM will find the plugin."""
+
+from __future__ import annotations
+
+import importlib
+import platform
+from importlib import metadata
+
+from vllm_blackwell_sparse.plugin import BACKEND_CLASS_PATH, SUPPORTED_VLLM_TEXT, vllm_version_supported
+
+ENTRY_POINT_GROUP = "vllm.general_plugins"
+ENTRY_POINT_NAME = "blackwell_sparse"
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def find_entry_point():
+    """Our entry point as vLLM's plugin loader sees it, or None."""
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == ENTRY_POINT_NAME:
+            return ep
+    return None
+
+
+def gpu_info() -> dict:
+    """GPU name and capability; does not raise without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"cuda": False, "reason": "torch.cuda.is_available() is False (no GPU or no driver)"}
+    major, minor = torch.cuda.get_device_capability(0)
+    return {
+        "cuda": True,
+        "name": torch.cuda.get_device_name(0),
+        "capability": (major, minor),
+        "arch": f"sm_{major}{minor}" + ("a" if major in (9, 10) else ""),
+        "torch_cuda": torch.version.cuda,
+    }
+
+
+def kernel_availability(gpu: dict) -> dict[str, str]:
+    """Which kernels this release can run here, each with a one-line reason."""
+    from vllm_blackwell_sparse.config import BLASST_KERNEL_AVAILABLE
+
+    out = {}
+    if not gpu["cuda"]:
+        fa4 = "unavailable: no CUDA device"
+    elif gpu["capability"][0] == 9:
+        fa4 = "available (sm90: verified on the H200)"
+    elif gpu["capability"][0] == 10:
+        fa4 = "available (sm100: selected by capability, not verified on hardware)"
+    else:
+        fa4 = f"unavailable: FA4 backend needs sm90 or sm100, this is {gpu['arch']}"
+    if gpu["cuda"] and fa4.startswith("available"):
+        try:
+            importlib.import_module("vllm.vllm_flash_attn.cute.interface")
+        except Exception as e:  # noqa: BLE001 - report whatever breaks the import
+            fa4 = f"unavailable: importing vllm.vllm_flash_attn.cute failed: {type(e).__name__}: {e}"
+    out["FA4 dense attention (vllm.vllm_flash_attn.cute)"] = fa4
+    for phase in ("prefill", "decode"):
+        out[f"BLASST {phase}"] = "available" if BLASST_KERNEL_AVAILABLE[phase] else "not in this release"
+    out["GVR top-k"] = "not in this release"
+    return out
+
+
+def run_doctor() -> int:
+    """Print the report; returns 0 when the plugin is usable here, 1 otherwise."""
+    import torch
+
+    ok = True
+    print("vllm-blackwell-sparse doctor")
+    print(f"  python           {platform.python_version()} ({platform.machine()})")
+    print(f"  torch            {torch.__version__}")
+    gpu = gpu_info()
+    if gpu["cuda"]:
+        print(f"  GPU              {gpu['name']}, capability {gpu['capability'][0]}.{gpu['capability'][1]} ({gpu['arch']}), CUDA {gpu['torch_cuda']}")
+    else:
+        print(f"  GPU              none: {gpu['reason']}")
+    vllm_version = _version("vllm")
+    supported = vllm_version_supported(vllm_version)
+    ok &= supported
+    print(f"  vLLM             {vllm_version} ({'supported' if supported else 'NOT supported; need ' + SUPPORTED_VLLM_TEXT})")
+    print(f"  CuTe DSL         nvidia-cutlass-dsl {_version('nvidia-cutlass-dsl')}")
+    print(f"  FlashInfer       {_version('flashinfer-python')}")
+    print(f"  plugin           vllm-blackwell-sparse {_version('vllm-blackwell-sparse')}")
+    ep = find_entry_point()
+    if ep is None:
+        ok = False
+        print(f"  entry point      MISSING: no '{ENTRY_POINT_NAME}' in group '{ENTRY_POINT_GROUP}' (is the package installed?)")
+    else:
+        print(f"  entry point      {ENTRY_POINT_GROUP}: {ep.name} = {ep.value}")
+        try:
+            registered = ep.load()()
+            from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+            path = AttentionBackendEnum.CUSTOM.get_path() if registered else None
+            ok &= path == BACKEND_CLASS_PATH
+            print(f"  register()       {'CUSTOM -> ' + str(path) if registered else 'registered nothing (see the error above)'}")
+        except Exception as e:  # noqa: BLE001
+            ok = False
+            print(f"  register()       FAILED: {type(e).__name__}: {e}")
+    try:
+        from vllm_blackwell_sparse.config import load_config
+
+        print(f"  config (VBS_*)   {load_config(None).as_dict()}")
+    except Exception as e:  # noqa: BLE001
+        ok = False
+        print(f"  config (VBS_*)   INVALID: {e}")
+    print("  kernels")
+    for name, state in kernel_availability(gpu).items():
+        print(f"    {name:52s} {state}")
+    print("  usage            vllm serve MODEL --attention-backend CUSTOM   |   LLM(MODEL, attention_backend='CUSTOM')")
+    return 0 if ok else 1

@@ -1,0 +1,57 @@
+"""vLLM general plugin: ``register()`` puts our backend in the ``CUSTOM`` slot.
+
+vLLM calls ``register()`` in every process it starts (API server, engine core,
+workers) through the ``vllm.general_plugins`` entry point ``blackwell_sparse``
+(``VLLM_PLUGINS`` filters by that name). It must therefore be idempotent, cheap, never
+initialise CUDA and never raise: outside the tested vLLM range it logs one clear
+error and registers nothing, so vLLM still starts for users who do not select it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+BACKEND_CLASS_PATH = "vllm_blackwell_sparse.backend.BlackwellSparseBackend"
+SUPPORTED_VLLM = (">=0.26.0", "<0.27")  # the tested range; the README's support matrix
+SUPPORTED_VLLM_TEXT = "vllm>=0.26.0,<0.27"
+
+logger = logging.getLogger("vllm_blackwell_sparse")
+_state = {"done": False, "registered": False}
+
+
+def vllm_version_supported(version: str) -> bool:
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        v = Version(version)
+    except InvalidVersion:
+        return False
+    # Dev and local builds of a supported release count as that release.
+    return Version(v.base_version) in SpecifierSet(",".join(SUPPORTED_VLLM))
+
+
+def register() -> bool:
+    """Register the ``CUSTOM`` attention backend. Returns whether it is registered."""
+    if _state["done"]:
+        return _state["registered"]
+    _state["done"] = True
+    try:
+        import vllm
+
+        version = getattr(vllm, "__version__", "unknown")
+        if not vllm_version_supported(version):
+            logger.error(
+                "vllm-blackwell-sparse supports %s but vLLM %s is installed; the CUSTOM attention "
+                "backend is NOT registered. Install a supported vLLM or uninstall vllm-blackwell-sparse.",
+                SUPPORTED_VLLM_TEXT,
+                version,
+            )
+            return False
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+        register_backend(AttentionBackendEnum.CUSTOM, BACKEND_CLASS_PATH)
+        _state["registered"] = True
+    except Exception:  # never break vLLM's start-up for users who do not select us
+        logger.exception("vllm-blackwell-sparse: registering the CUSTOM attention backend failed")
+    return _state["registered"]

@@ -1,0 +1,138 @@
+"""Synthetic data for tests, demos and benchmarks (no model weights exist here).
+
+Everything is seeded and device-agnostic: the same call gives the same tensors on CPU
+and GPU up to the generator's device stream.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+def make_paged_kv(
+    seq_lens: list[int],
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    extra_blocks: int = 3,
+):
+    """Random K/V caches ``[num_blocks, block_size, Hkv, D]`` and a block table whose
+    block ids are shuffled across requests (so a kernel that ignores the table fails).
+    Returns ``(k_cache, v_cache, block_table)``; unused blocks hold random garbage."""
+    g = torch.Generator().manual_seed(seed)
+    blocks_per_req = [-(-max(n, 1) // block_size) for n in seq_lens]
+    num_blocks = sum(blocks_per_req) + extra_blocks
+    perm = torch.randperm(num_blocks, generator=g)
+    width = max(blocks_per_req)
+    table = torch.zeros(len(seq_lens), width, dtype=torch.int32)
+    used = 0
+    for b, nb in enumerate(blocks_per_req):
+        table[b, :nb] = perm[used:used + nb].to(torch.int32)
+        used += nb
+    k = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g)
+    v = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g)
+    return k.to(dtype).to(device), v.to(dtype).to(device), table.to(device)
+
+
+@dataclass
+class PeakedAttentionParams:
+    """Controls how peaked attention is: scores are N(0, 1) noise (in softmax-scaled
+    units) plus ``peak`` on the sink tokens, the local window and the heavy hitters."""
+
+    sink_tokens: int = 4
+    window: int = 256
+    heavy_hitters: int = 16
+    peak: float = 8.0
+    seed: int = 0
+
+
+def peaked_attention_case(
+    seq_lens: list[int],
+    query_lens: list[int],
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    params: PeakedAttentionParams | None = None,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+) -> dict:
+    """Queries plus a paged cache whose attention is peaked in a controllable way.
+
+    Query heads of one KV head share a direction ``u``; keys at the peak positions get
+    ``peak * u`` added, so their score (× 1/sqrt(D)) is about ``peak`` above the noise.
+    Higher ``peak`` = more negligible tiles = more BLASST skipping at a given factor.
+    Returns a dict of the tensors the oracle and kernels take and the parameters.
+    """
+    p = params or PeakedAttentionParams()
+    g = torch.Generator().manual_seed(p.seed)
+    k_cache, v_cache, block_table = make_paged_kv(
+        seq_lens, num_kv_heads, head_dim, block_size, dtype=torch.float32, seed=p.seed + 1
+    )
+    grp = num_q_heads // num_kv_heads
+    u = torch.nn.functional.normalize(torch.randn(num_kv_heads, head_dim, generator=g), dim=-1)
+    total_q = sum(query_lens)
+    # Each query: sqrt(D) * u (its group's direction) plus small per-head noise.
+    q = math.sqrt(head_dim) * u.repeat_interleave(grp, 0)[None] + 0.3 * torch.randn(total_q, num_q_heads, head_dim, generator=g)
+    for b, n in enumerate(seq_lens):
+        peaks = set(range(min(p.sink_tokens, n)))
+        peaks |= set(range(max(0, n - p.window), n))
+        if p.heavy_hitters and n:
+            peaks |= set(torch.randint(0, n, (p.heavy_hitters,), generator=g).tolist())
+        pos = torch.tensor(sorted(peaks), dtype=torch.int64)
+        blk = block_table[b].long()[pos // block_size]
+        # score = q·k / sqrt(D) ≈ |q| * peak / sqrt(D) ≈ peak along u.
+        k_cache[blk, pos % block_size] += p.peak * u[None]
+    cu = torch.tensor([0] + list(torch.tensor(query_lens).cumsum(0).tolist()), dtype=torch.int32)
+    return {
+        "q": q.to(dtype).to(device),
+        "k_cache": k_cache.to(dtype).to(device),
+        "v_cache": v_cache.to(dtype).to(device),
+        "block_table": block_table.to(device),
+        "cu_seqlens_q": cu.to(device),
+        "seq_lens": torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        "params": asdict(p),
+    }
+
+
+def random_topk_rows(rows: int, n: int, *, seed: int = 0, device: str | torch.device = "cpu") -> torch.Tensor:
+    """N(0, 1) fp32 logits ``[rows, n]``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, n, generator=g).to(device)
+
+
+ADVERSARIAL_KINDS = ("ties", "constant", "inf", "nan", "few_values", "signed_zero")
+
+
+def adversarial_topk_row(kind: str, n: int, *, seed: int = 0) -> torch.Tensor:
+    """One fp32 row of ``n`` values that stresses a top-k kernel's corner cases."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "ties":  # many exact ties around any cutoff
+        return torch.randint(0, 64, (n,), generator=g).float() / 8
+    if kind == "constant":
+        return torch.full((n,), 0.5)
+    if kind == "inf":
+        x = torch.randn(n, generator=g)
+        x[torch.randint(0, n, (max(1, n // 50),), generator=g)] = float("inf")
+        x[torch.randint(0, n, (max(1, n // 10),), generator=g)] = float("-inf")
+        return x
+    if kind == "nan":
+        x = torch.randn(n, generator=g)
+        x[torch.randint(0, n, (max(1, n // 100),), generator=g)] = float("nan")
+        return x
+    if kind == "few_values":  # three distinct values, large tie blocks
+        return torch.tensor([-1.0, 0.0, 2.0])[torch.randint(0, 3, (n,), generator=g)]
+    if kind == "signed_zero":
+        x = torch.zeros(n)
+        x[torch.rand(n, generator=g) < 0.5] = -0.0
+        x[torch.randint(0, n, (n // 4,), generator=g)] = 1.0
+        return x
+    raise ValueError(f"kind must be one of {ADVERSARIAL_KINDS}, got {kind!r}")

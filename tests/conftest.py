@@ -1,6 +1,7 @@
 import os
 
-# Keep vLLM's plugin loader and our config free of the developer's environment.
-for _name in list(os.environ):
-    if _name.startswith("VBS_"):
-        del os.environ[_name]
+from vllm_blackwell_sparse.config import ENV_PREFIX, _PARSERS
+
+# Keep the developer's VBS_<key> settings out of the tests (VBS_TEST_ARTIFACTS stays).
+for _key in _PARSERS:
+    os.environ.pop(ENV_PREFIX + _key.upper(), None)

@@ -29,9 +29,9 @@ class GenerationSpec:
     backend: str = "CUSTOM"  # an AttentionBackendEnum name
     flash_attn_version: int | None = None  # for FLASH_ATTN: None = vLLM's choice (FA3 on Hopper)
     model: str = str(TINY_LLAMA_DIR)
-    num_prompts: int = 16
+    num_prompts: int = 32
     prompt_tokens: int = 1024
-    max_tokens: int = 64
+    max_tokens: int = 128
     block_size: int = 128
     enforce_eager: bool = False
     gpu_memory_utilization: float = 0.3
@@ -129,7 +129,7 @@ def token_agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return same / total if total else 1.0
 
 
-def run_demo(*, num_prompts: int = 16, prompt_tokens: int = 1024, max_tokens: int = 64, json_path: str | None = None) -> int:
+def run_demo(*, num_prompts: int = 32, prompt_tokens: int = 1024, max_tokens: int = 128, json_path: str | None = None) -> int:
     from vllm_blackwell_sparse.doctor import gpu_info
 
     gpu = gpu_info()

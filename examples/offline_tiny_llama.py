@@ -1,0 +1,16 @@
+"""Offline inference with the CUSTOM backend on the embedded tiny Llama (dummy weights)."""
+
+from vllm import LLM, SamplingParams
+
+from vllm_blackwell_sparse.demo import TINY_LLAMA_DIR
+
+llm = LLM(
+    str(TINY_LLAMA_DIR),
+    load_format="dummy",  # no weights ship with the tiny model: its text is meaningless
+    attention_backend="CUSTOM",  # vllm-blackwell-sparse (FA4 on the paged KV cache)
+    additional_config={"blackwell_sparse": {}},  # see the README's configuration reference
+    max_model_len=4096,
+    gpu_memory_utilization=0.3,
+)
+for out in llm.generate(["Long-context serving spends"], SamplingParams(temperature=0.0, max_tokens=16)):
+    print(out.outputs[0].text)

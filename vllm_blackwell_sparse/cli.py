@@ -1,4 +1,4 @@
-"""The ``vbs`` command: ``vbs doctor``, ``vbs demo``."""
+"""The ``vbs`` command: ``vbs doctor``, ``vbs demo``, ``vbs bench topk``."""
 
 from __future__ import annotations
 
@@ -16,6 +16,19 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--max-tokens", type=int, default=128)
     demo.add_argument("--json", dest="json_path", default=None, help="also write the results as JSON here")
     demo.add_argument("--cpu", action="store_true", help="run the CPU demonstration of the oracles even with a GPU")
+    bench = sub.add_parser("bench", help="benchmarks (GPU): results as JSON plus a markdown table")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    topk = bench_sub.add_parser("topk", help="DSA decode top-k kernels on synthetic V3.2 indexer logits")
+    ints = lambda s: tuple(int(v) for v in s.split(","))  # noqa: E731
+    topk.add_argument("--batches", type=ints, default=(1, 8, 32, 64, 128))
+    topk.add_argument("--ns", type=ints, default=(16384, 32768, 65536, 131072))
+    topk.add_argument("--k", type=int, default=2048, choices=(512, 1024, 2048))
+    topk.add_argument("--l2", type=lambda s: tuple(s.split(",")), default=("hot", "cold"))
+    topk.add_argument("--preset", default="middle_layers", choices=("middle_layers", "first_layers"))
+    topk.add_argument("--iters", type=int, default=50)
+    topk.add_argument("--warmup", type=int, default=10)
+    topk.add_argument("--kernels", type=lambda s: s.split(","), default=None, help="subset, comma-separated")
+    topk.add_argument("--out", default="benchmarks/results/topk.json")
     args = parser.parse_args(argv)
 
     if args.command == "doctor":
@@ -30,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         return demo_mod.run_demo(
             num_prompts=args.num_prompts, prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, json_path=args.json_path
         )
+    if args.command == "bench":
+        from vllm_blackwell_sparse.bench import topk as bench_topk
+
+        return bench_topk.main(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -136,3 +136,85 @@ def adversarial_topk_row(kind: str, n: int, *, seed: int = 0) -> torch.Tensor:
         x[torch.randint(0, n, (n // 4,), generator=g)] = 1.0
         return x
     raise ValueError(f"kind must be one of {ADVERSARIAL_KINDS}, got {kind!r}")
+
+
+@dataclass
+class DsaTraceParams:
+    """A synthetic DeepSeek-V3.2 indexer: ``logit[t] = Σ_h w_h · ReLU(q_h · k_t / sqrt(d))``
+    with RoPE on the first ``rope_dim`` dims of queries and keys, over consecutive decode
+    steps whose queries drift by ``query_drift`` per step (0 = frozen, 1 = fresh each step).
+    ``query_drift`` sets the consecutive-step top-k overlap (measure it with
+    ``topk_overlap``; the values are recorded with every benchmark result)."""
+
+    n_heads: int = 64
+    head_dim: int = 128
+    rope_dim: int = 64
+    query_drift: float = 0.3
+    rope_base: float = 10000.0
+    seed: int = 0
+
+
+def _rope(x: torch.Tensor, pos: torch.Tensor, rope_dim: int, base: float) -> torch.Tensor:
+    """Rotate pairs (2i, 2i+1) of the first ``rope_dim`` dims by ``pos * base^(-2i/rope_dim)``;
+    ``pos`` broadcasts against ``x.shape[:-1]``."""
+    half = rope_dim // 2
+    freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) * 2 / rope_dim)
+    ang = pos.float()[..., None] * freq  # pos broadcasts against x.shape[:-1]
+    cos, sin = torch.cos(ang), torch.sin(ang)
+    xr = x[..., :rope_dim].reshape(*x.shape[:-1], half, 2)
+    a, b = xr[..., 0], xr[..., 1]
+    rot = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).reshape(*x.shape[:-1], rope_dim)
+    return torch.cat([rot, x[..., rope_dim:]], dim=-1)
+
+
+# Query drift that gives the paper's two regimes of consecutive-step top-k overlap
+# (k = 2048, measured with topk_overlap on CPU): 0.55 -> ~50% at 32K, ~40% at 128K
+# (its middle layers: 35-50%); 1.0 -> ~6% at 32K, ~1.5% at 128K (its first layers: ~2%).
+DSA_TRACE_PRESETS = {"middle_layers": 0.55, "first_layers": 1.0}
+
+
+def dsa_decode_trace(
+    rows: int,
+    n_tokens: int,
+    steps: int,
+    params: DsaTraceParams | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    rows_per_chunk: int = 8,
+):
+    """Yield ``steps`` fp32 logits ``[rows, n_tokens]`` of consecutive decode steps.
+
+    The rows share one set of keys (positions ``0..n-1``, as if one long prompt were
+    decoded by ``rows`` requests) and each has its own head weights and query, at
+    decode position ``n - 1 + step``, drifting between steps. Scores are computed
+    ``rows_per_chunk`` rows at a time to bound memory.
+    """
+    p = params or DsaTraceParams()
+    g = torch.Generator(device=device).manual_seed(p.seed)
+    scale = p.head_dim**-0.5
+    keys = torch.randn(n_tokens, p.head_dim, generator=g, device=device)
+    # V3.2 layer-normalises indexer keys: equal norms, so no key is "always on top".
+    keys = torch.nn.functional.normalize(keys, dim=-1) * math.sqrt(p.head_dim)
+    keys = _rope(keys, torch.arange(n_tokens, device=device), p.rope_dim, p.rope_base)
+    w = torch.rand(rows, p.n_heads, generator=g, device=device) / p.n_heads
+    q = torch.randn(rows, p.n_heads, p.head_dim, generator=g, device=device)
+    keep = math.sqrt(max(0.0, 1.0 - p.query_drift**2))
+    for s in range(steps):
+        if s:
+            q = keep * q + p.query_drift * torch.randn(q.shape, generator=g, device=device)
+        qr = _rope(q, torch.full((rows, 1), n_tokens - 1 + s, device=device), p.rope_dim, p.rope_base)
+        out = torch.empty(rows, n_tokens, device=device)
+        for r0 in range(0, rows, rows_per_chunk):
+            r1 = min(rows, r0 + rows_per_chunk)
+            scores = torch.relu(torch.einsum("rhd,nd->rhn", qr[r0:r1], keys) * scale)
+            out[r0:r1] = torch.einsum("rh,rhn->rn", w[r0:r1], scores)
+        yield out
+
+
+def topk_overlap(prev: torch.Tensor, cur: torch.Tensor) -> float:
+    """Mean over rows of |prev ∩ cur| / k for index sets ``[rows, k]`` (-1 entries ignored)."""
+    total = 0.0
+    for a, b in zip(prev.tolist(), cur.tolist()):
+        sa, sb = {i for i in a if i >= 0}, {i for i in b if i >= 0}
+        total += len(sa & sb) / max(1, len(sb))
+    return total / max(1, prev.shape[0])

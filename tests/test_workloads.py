@@ -1,0 +1,65 @@
+"""Synthetic workloads: the DSA trace reaches the two overlap regimes it is tuned for."""
+
+import torch
+
+from vllm_blackwell_sparse.bench.topk import exact_against_torch, markdown_table
+from vllm_blackwell_sparse.reference import topk_reference
+from vllm_blackwell_sparse.workloads import (
+    DSA_TRACE_PRESETS,
+    DsaTraceParams,
+    dsa_decode_trace,
+    make_paged_kv,
+    topk_overlap,
+)
+
+
+def overlap_of(preset, n=32768, k=2048, rows=2):
+    prev, cur = dsa_decode_trace(rows, n, 2, DsaTraceParams(query_drift=DSA_TRACE_PRESETS[preset]))
+    lens = torch.full((rows,), n)
+    return topk_overlap(topk_reference(prev, lens, k), topk_reference(cur, lens, k))
+
+
+def test_middle_layer_preset_overlaps_35_to_50_percent():
+    assert 0.35 <= overlap_of("middle_layers") <= 0.55
+
+
+def test_first_layer_preset_overlaps_a_few_percent():
+    assert overlap_of("first_layers") < 0.1
+
+
+def test_trace_is_deterministic_and_fp32():
+    a = next(dsa_decode_trace(2, 1000, 1, DsaTraceParams(seed=3)))
+    b = next(dsa_decode_trace(2, 1000, 1, DsaTraceParams(seed=3)))
+    assert a.dtype == torch.float32 and a.shape == (2, 1000) and torch.equal(a, b)
+    assert bool((a >= 0).all())  # weighted sums of ReLUs
+
+
+def test_topk_overlap():
+    assert topk_overlap(torch.tensor([[1, 2, 3, -1]]), torch.tensor([[3, 2, 9, 8]])) == 0.5
+
+
+def test_paged_kv_block_table_is_a_permutation():
+    k, v, table = make_paged_kv([40, 17], 2, 8, 16, seed=1)
+    used = table[0, :3].tolist() + table[1, :2].tolist()
+    assert len(set(used)) == 5 and all(0 <= b < k.shape[0] for b in used)
+
+
+def test_bench_exactness_check_catches_wrong_answers():
+    x = torch.randn(3, 500)
+    good = torch.topk(x, 16, dim=1).indices.int()
+    assert exact_against_torch(x, good, 16)
+    bad = good.clone()
+    bad[1, 0] = torch.topk(x[1], 17).indices[16]  # the 17th instead of one of the top 16
+    assert not exact_against_torch(x, bad, 16)
+    dup = good.clone()
+    dup[0, 1] = dup[0, 0]
+    assert not exact_against_torch(x, dup, 16)
+
+
+def test_markdown_table_layout():
+    res = {"results": [
+        {"kernel": "a", "batch": 1, "n": 16384, "overlap": 0.4, "exact": True, "us_hot": 10.0},
+        {"kernel": "b", "batch": 1, "n": 16384, "overlap": 0.4, "exact": False, "us_hot": 12.5},
+    ]}
+    table = markdown_table(res, "hot")
+    assert "| 1 | 16K | 40% | 10.0 | 12.5 (inexact) |" in table

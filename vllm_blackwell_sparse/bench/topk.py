@@ -1,0 +1,200 @@
+"""``vbs bench topk``: DSA decode top-k kernels timed in one run on the same inputs.
+
+Inputs are synthetic DeepSeek-V3.2 indexer logits (``workloads.dsa_decode_trace``):
+step 0 gives the previous top-k (the "true hint"), step 1 is the row to select from.
+Each kernel is checked against torch.topk (multiset of values) before it is timed.
+
+Timing: CUDA events around the kernel alone, ``iters`` timed calls after ``warmup``,
+median reported (µs). ``hot``: the logits are rewritten right before every call, as
+the indexer GEMM leaves them in L2 in serving. ``cold``: a 256 MiB scratch buffer
+(over 4× the H200's 60 MB L2) is rewritten before every call, evicting the logits.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import statistics
+import subprocess
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from vllm_blackwell_sparse.workloads import DSA_TRACE_PRESETS, DsaTraceParams, dsa_decode_trace, topk_overlap
+
+DEFAULT_BATCHES = (1, 8, 32, 64, 128)
+DEFAULT_NS = (16384, 32768, 65536, 131072)
+VLLM_WORKSPACE_BYTES = 1024 * 1024  # RADIX_TOPK_WORKSPACE_SIZE of vLLM 0.26's indexer
+FLUSH_BYTES = 256 * 1024 * 1024
+
+
+def topk_kernels(rows: int, k: int) -> dict[str, Callable]:
+    """Baselines as ``fn(logits, seq_lens_2d, out_int32) -> None``; vLLM's choice mirrors
+    its indexer (cooperative for <= 32 rows, persistent otherwise)."""
+    import vllm._custom_ops  # noqa: F401  (loads torch.ops._C)
+
+    ws = torch.empty(VLLM_WORKSPACE_BYTES, dtype=torch.uint8, device="cuda")
+
+    def cooperative(x, lens, out):
+        torch.ops._C.cooperative_topk(x, lens, out, ws, k, x.shape[1])
+
+    def persistent(x, lens, out):
+        torch.ops._C.persistent_topk(x, lens, out, ws, k, x.shape[1])
+
+    def per_row(x, lens, out):
+        torch.ops._C.top_k_per_row_decode(x, 1, lens, out, x.shape[0], x.stride(0), x.stride(1), k)
+
+    def flashinfer_top_k(x, lens, out):
+        import flashinfer
+
+        out.copy_(flashinfer.top_k(x, k)[1])
+
+    def torch_topk(x, lens, out):
+        out.copy_(torch.topk(x, k, dim=1).indices)
+
+    kernels = {"vllm_choice": cooperative if rows <= 32 else persistent}
+    if rows <= 32:
+        kernels["vllm_cooperative"] = cooperative
+    kernels.update(vllm_persistent=persistent, vllm_per_row=per_row, flashinfer_top_k=flashinfer_top_k, torch_topk=torch_topk)
+    return kernels
+
+
+def exact_against_torch(x: torch.Tensor, out: torch.Tensor, k: int) -> bool:
+    """Indices valid and unique per row, values equal torch.topk's as multisets."""
+    if bool((out < 0).any()) or bool((out >= x.shape[1]).any()):
+        return False
+    idx = out.long()
+    if bool((torch.sort(idx, 1).values.diff(dim=1) == 0).any()):
+        return False
+    got = torch.sort(x.gather(1, idx), 1).values
+    want = torch.sort(torch.topk(x, k, dim=1).values, 1).values
+    return bool(torch.equal(got, want))
+
+
+def time_kernel(fn: Callable, x: torch.Tensor, src: torch.Tensor, lens, out, *, l2: str, iters: int, warmup: int) -> float:
+    """Median µs of ``fn`` alone; see the module docstring for ``l2``."""
+    flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.float32, device="cuda") if l2 == "cold" else None
+    times = []
+    for i in range(warmup + iters):
+        x.copy_(src)  # the "indexer" writes the logits
+        if flush is not None:
+            flush.fill_(float(i))
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(x, lens, out)
+        end.record()
+        end.synchronize()
+        if i >= warmup:
+            times.append(start.elapsed_time(end) * 1000.0)
+    return statistics.median(times)
+
+
+def environment() -> dict:
+    from importlib import metadata
+
+    def ver(d):
+        try:
+            return metadata.version(d)
+        except metadata.PackageNotFoundError:
+            return None
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = None
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "gpu": torch.cuda.get_device_name(0),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "vllm": ver("vllm"),
+        "flashinfer": ver("flashinfer-python"),
+        "nvidia_cutlass_dsl": ver("nvidia-cutlass-dsl"),
+        "commit": commit,
+    }
+
+
+def run_topk_bench(
+    *,
+    batches=DEFAULT_BATCHES,
+    ns=DEFAULT_NS,
+    k: int = 2048,
+    l2_modes=("hot", "cold"),
+    preset: str = "middle_layers",
+    iters: int = 50,
+    warmup: int = 10,
+    kernels: list[str] | None = None,
+) -> dict:
+    if not torch.cuda.is_available():
+        raise RuntimeError("vbs bench topk needs a CUDA GPU")
+    if preset not in DSA_TRACE_PRESETS:
+        raise ValueError(f"preset must be one of {sorted(DSA_TRACE_PRESETS)}, got {preset!r}")
+    params = DsaTraceParams(query_drift=DSA_TRACE_PRESETS[preset])
+    rows_out = []
+    for n in ns:
+        # One trace per N at the largest batch; smaller batches use its first rows.
+        prev, cur = dsa_decode_trace(max(batches), n, 2, params, device="cuda")
+        for b in batches:
+            src = cur[:b].contiguous()
+            lens = torch.full((b, 1), n, dtype=torch.int32, device="cuda")
+            prev_topk = torch.topk(prev[:b], k, dim=1).indices
+            cur_topk = torch.topk(src, k, dim=1).indices
+            overlap = topk_overlap(prev_topk, cur_topk)
+            x = torch.empty_like(src)
+            for name, fn in topk_kernels(b, k).items():
+                if kernels and name not in kernels:
+                    continue
+                out = torch.full((b, k), -1, dtype=torch.int32, device="cuda")
+                x.copy_(src)
+                fn(x, lens, out)
+                torch.cuda.synchronize()
+                row = {"kernel": name, "batch": b, "n": n, "k": k, "overlap": round(overlap, 4),
+                       "exact": exact_against_torch(src, out, k)}
+                for l2 in l2_modes:
+                    row[f"us_{l2}"] = round(time_kernel(fn, x, src, lens, out, l2=l2, iters=iters, warmup=warmup), 2)
+                rows_out.append(row)
+                print(json.dumps(row), flush=True)
+    return {
+        "benchmark": "topk",
+        "environment": environment(),
+        "params": {"k": k, "preset": preset, "trace": asdict(params), "iters": iters, "warmup": warmup,
+                   "l2_modes": list(l2_modes), "timing": "CUDA events, median µs, kernel alone"},
+        "results": rows_out,
+    }
+
+
+def markdown_table(result: dict, l2: str = "hot") -> str:
+    """One line per (batch, N): µs of every kernel, and vLLM's choice over each."""
+    rows = result["results"]
+    names = list(dict.fromkeys(r["kernel"] for r in rows))
+    by = {(r["batch"], r["n"], r["kernel"]): r for r in rows}
+    head = f"| B | N | overlap | " + " | ".join(names) + " |"
+    lines = [head, "|" + "---|" * (3 + len(names))]
+    for b, n in dict.fromkeys((r["batch"], r["n"]) for r in rows):
+        cells = []
+        for name in names:
+            r = by.get((b, n, name))
+            cells.append("—" if r is None else f"{r[f'us_{l2}']:.1f}" + ("" if r["exact"] else " (inexact)"))
+        ov = next(r["overlap"] for r in rows if r["batch"] == b and r["n"] == n)
+        lines.append(f"| {b} | {n // 1024}K | {ov:.0%} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    if not torch.cuda.is_available():
+        print("vbs bench topk: no CUDA device here; the benchmark times GPU kernels and needs an sm90/sm100 GPU.")
+        return 2
+    result = run_topk_bench(
+        batches=args.batches, ns=args.ns, k=args.k, l2_modes=args.l2, preset=args.preset, iters=args.iters,
+        warmup=args.warmup, kernels=args.kernels,
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    for l2 in args.l2:
+        print(f"\n{l2} L2, k = {args.k}, µs (median of {args.iters}):\n" + markdown_table(result, l2))
+    print(f"\nwrote {out}")
+    return 0

@@ -28,7 +28,7 @@ def reasons(**overrides):
     return BlackwellSparseBackend.validate_configuration(**kw)
 
 
-@pytest.mark.parametrize("head_size", [64, 96, 128, 192, 256])
+@pytest.mark.parametrize("head_size", [32, 64, 80, 96, 128, 192, 256])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("block_size", [16, 32, 64, 128, 256, None])
 def test_supported_on_hopper(head_size, dtype, block_size):
@@ -46,8 +46,11 @@ def test_supported_on_blackwell(head_size):
         (dict(kv_cache_dtype="fp8"), "kv_cache_dtype"),
         (dict(kv_cache_dtype="fp8_e4m3"), "kv_cache_dtype"),
         (dict(dtype=torch.float32), "dtype"),
-        (dict(head_size=80), "head_size 80"),
+        (dict(head_size=84), "head_size 84"),
+        (dict(head_size=264), "head_size 264"),
+        (dict(head_size=16), "head_size 16"),
         (dict(head_size=256, device_capability=B200), "head_size 256 is not supported on sm10x"),
+        (dict(kv_cache_dtype="float16", dtype=torch.bfloat16), "differs from the model dtype"),
         (dict(device_capability=DeviceCapability(8, 0)), "compute capability"),
         (dict(device_capability=DeviceCapability(12, 0)), "compute capability"),
         (dict(block_size=8), "block_size"),
@@ -71,6 +74,24 @@ def test_blasst_factor_without_kernel_is_refused_at_startup(monkeypatch):
     monkeypatch.setenv("VBS_DECODE_THRESHOLD_SCALE_FACTOR", "20")
     got = reasons()
     assert any("decode_threshold_scale_factor" in r and "no BLASST decode kernel" in r for r in got), got
+
+
+def test_gvr_topk_without_kernel_is_refused_at_startup(monkeypatch):
+    monkeypatch.setenv("VBS_GVR_TOPK", "1")
+    assert any("gvr_topk" in r and "no GVR top-k" in r for r in reasons())
+
+
+def test_kv_cache_dtype_equal_to_model_dtype_is_fine():
+    assert reasons(kv_cache_dtype="bfloat16", dtype=torch.bfloat16) == []
+    assert reasons(kv_cache_dtype="float16", dtype=torch.float16) == []
+
+
+def test_missing_fa4_is_a_startup_reason(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cutlass" else real(name, *a))
+    assert any("CuTe DSL" in r for r in reasons())
 
 
 def test_invalid_config_is_a_startup_reason(monkeypatch):
@@ -164,6 +185,39 @@ def test_builder_splits_decodes_from_prefills():
 def test_builder_refuses_non_causal():
     with pytest.raises(NotImplementedError, match="causal"):
         make_builder().build(0, common_metadata([3], [3], causal=False))
+
+
+def test_update_block_table_returns_a_copy():
+    """vLLM reuses one metadata object for several KV-cache groups: updating must not
+    change what layers of the first group read."""
+    b = make_builder()
+    md = b.build(0, common_metadata([1, 1], [10, 20]))
+    table0, slots0 = md.block_table, md.slot_mapping
+    new_table, new_slots = torch.ones(2, 4, dtype=torch.int32), torch.arange(2) + 100
+    md2 = b.update_block_table(md, new_table, new_slots)
+    assert md2 is not md
+    assert md.block_table is table0 and md.slot_mapping is slots0
+    assert md2.block_table is new_table and md2.slot_mapping is new_slots
+    assert md2.seq_lens is md.seq_lens and md2.num_decodes == md.num_decodes
+
+
+def test_kv_cache_update_writes_k_to_plane_0_and_v_to_plane_1(monkeypatch):
+    import vllm._custom_ops as ops
+
+    seen = {}
+
+    def fake_reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale):
+        seen.update(key=key, value=value, key_cache=key_cache, value_cache=value_cache, slots=slot_mapping, dtype=kv_cache_dtype)
+
+    monkeypatch.setattr(ops, "reshape_and_cache_flash", fake_reshape_and_cache_flash)
+    impl = BlackwellSparseImpl(**IMPL_ARGS)
+    kv = torch.zeros(2, 6, 16, 2, 128)
+    key, value, slots = torch.randn(3, 2, 128), torch.randn(3, 2, 128), torch.tensor([5, 17, 40])
+    layer = SimpleNamespace(_k_scale=torch.ones(1), _v_scale=torch.ones(1))
+    impl.do_kv_cache_update(layer, key, value, kv, slots)
+    assert seen["key"] is key and seen["value"] is value and seen["slots"] is slots and seen["dtype"] == "auto"
+    assert seen["key_cache"].data_ptr() == kv[0].data_ptr() and seen["key_cache"].shape == (6, 16, 2, 128)
+    assert seen["value_cache"].data_ptr() == kv[1].data_ptr() and seen["value_cache"].shape == (6, 16, 2, 128)
 
 
 def test_forward_hands_fa4_the_kv_planes_and_unpadded_slices(monkeypatch):

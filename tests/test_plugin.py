@@ -87,6 +87,13 @@ def test_version_range(version, ok):
     assert plugin.vllm_version_supported(version) is ok
 
 
+def test_register_logs_bad_or_unavailable_env_settings(fresh_registry, monkeypatch, caplog):
+    monkeypatch.setenv("VBS_DECODE_THRESHOLD_SCALE_FACTOR", "-2")
+    with caplog.at_level(logging.ERROR, logger="vllm_blackwell_sparse"):
+        assert plugin.register() is True  # still registered: only a bad setting
+    assert "VBS_DECODE_THRESHOLD_SCALE_FACTOR" in caplog.text
+
+
 def test_register_never_raises(fresh_registry, monkeypatch, caplog):
     import vllm.v1.attention.backends.registry as registry
 
@@ -100,10 +107,14 @@ def test_register_never_raises(fresh_registry, monkeypatch, caplog):
 
 
 LOADER = """
-import sys
+import torch
+def _no_cuda(*a, **k):
+    raise AssertionError("a plugin initialised CUDA")
+torch.cuda._lazy_init = torch.cuda.init = _no_cuda
 from vllm.plugins import load_general_plugins
 from vllm.v1.attention.backends.registry import _ATTN_OVERRIDES, AttentionBackendEnum
 load_general_plugins()
+assert not torch.cuda.is_initialized()
 print("CUSTOM=" + str(_ATTN_OVERRIDES.get(AttentionBackendEnum.CUSTOM)))
 """
 

@@ -172,12 +172,40 @@ def test_first_tile_of_every_split_is_never_eligible(num_splits, visit_order):
                 assert not bool(((res.decisions.kv_tile == f) & sel & (res.decisions.request == req)).any())
 
 
-def test_margin_is_distance_of_worst_row_to_threshold():
-    case = peaked(seed=5)
-    res = blasst_attention_reference(*args_of(case), threshold_scale_factor=20.0, q_tile_rows=1)
-    assert bool((res.decisions.margin >= 0).all())
-    assert res.num_ambiguous(1e-3) <= len(res.decisions)
-    assert res.num_ambiguous(float("inf")) == len(res.decisions)
+@pytest.mark.parametrize("visit_order", ["ascending", "descending"])
+def test_decisions_and_margins_match_an_independent_recomputation(visit_order):
+    """Recompute every decision from dense scores: running max over the tiles visited
+    before, tile max, worst row of the group, compared with ln λ."""
+    from vllm_blackwell_sparse.reference import gather_paged_kv
+
+    case = peaked(seed=5, q_lens=(2, 1), g=4, hkv=2)
+    factor, tile = 20.0, 128
+    res = blasst_attention_reference(*args_of(case), threshold_scale_factor=factor, kv_tile_size=tile, visit_order=visit_order)
+    d = case["q"].shape[-1]
+    checked = 0
+    for i in range(len(res.decisions)):
+        b, h, n = (int(res.decisions.request[i]), int(res.decisions.kv_head[i]), int(res.decisions.kv_tile[i]))
+        L = int(case["seq_lens"][b])
+        q0, q1 = int(case["cu_seqlens_q"][b]), int(case["cu_seqlens_q"][b + 1])
+        keys = gather_paged_kv(case["k_cache"], case["block_table"][b], L)[:, h].float()
+        q = case["q"][q0:q1, h * 4:(h + 1) * 4].float().reshape(-1, d)  # rows t*G+g
+        s = q @ keys.T / math.sqrt(d)
+        tok = torch.arange(q1 - q0).repeat_interleave(4)
+        s = s.masked_fill(torch.arange(L)[None] > (L - (q1 - q0) + tok)[:, None], float("-inf"))
+        n_tiles = -(-int((L - (q1 - q0) + tok + 1).max()) // tile)
+        order = list(range(n_tiles)) if visit_order == "ascending" else list(range(n_tiles - 1, -1, -1))
+        before = order[: order.index(n)]
+        cols = torch.cat([torch.arange(t * tile, min((t + 1) * tile, L)) for t in before])
+        m_run = s[:, cols].amax(1)
+        m_loc = s[:, n * tile:min((n + 1) * tile, L)].amax(1)
+        diff = torch.where(m_loc == float("-inf"), torch.full_like(m_loc, float("-inf")), m_loc - m_run)
+        worst = diff.max().item()
+        log_lam = math.log(factor / L)
+        assert bool(res.decisions.skipped[i]) == (worst < log_lam)
+        assert res.decisions.margin[i].item() == pytest.approx(abs(worst - log_lam), abs=1e-4)
+        checked += 1
+    assert checked > 20 and res.skipped_tiles > 0 and res.skipped_tiles < checked
+    assert res.num_ambiguous(float("inf")) == checked and res.num_ambiguous(0.0) == 0
 
 
 def test_sparsity_grows_with_peakedness():

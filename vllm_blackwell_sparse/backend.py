@@ -11,7 +11,10 @@ imported in vLLM's API-server process and on machines without CUDA.
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -31,13 +34,13 @@ from vllm_blackwell_sparse.config import ConfigError, load_config, unavailable_f
 
 logger = init_logger(__name__)
 
-# Head sizes FA4's paged forward handles per architecture family (major capability).
-# sm90: FA4's Hopper kernel; sm100: its Blackwell kernel covers d <= 128 for d == dv
-# (192/128 and 256/256 are MLA / dedicated shapes our backend does not route).
-SUPPORTED_HEAD_SIZES = {9: (64, 96, 128, 192, 256), 10: (64, 96, 128)}
-# FA4 uses TMA for paged KV when the page equals its KV tile (128 keys for these head
-# sizes) and a slower cp.async path otherwise (20-30% slower at 16-token pages on the
-# H200, see docs/BENCHMARKS.md), so 128-token blocks are preferred.
+# Head sizes FA4's forward takes for d == dv, per architecture family (major capability):
+# sm90 any multiple of 8 up to 256; sm100 its standard range up to 128 (192/128 and
+# 256/256 are MLA / dedicated-kernel shapes this backend does not route).
+SUPPORTED_HEAD_SIZES = {9: tuple(range(32, 257, 8)), 10: tuple(range(32, 129, 8))}
+# FA4 reads paged KV with TMA when the page equals its KV tile (128 keys for head sizes
+# up to 128) and with a slower cp.async path otherwise (20-30% slower at 16-token pages
+# on the H200, docs/BENCHMARKS.md), so 128-token blocks are preferred.
 PREFERRED_BLOCK_SIZE = 128
 KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")
 
@@ -110,6 +113,11 @@ class BlackwellSparseBackend(AttentionBackend):
         device_capability,
     ) -> str | None:
         reasons = []
+        fa4_missing = fa4_unavailable_reason()
+        if fa4_missing:
+            reasons.append(fa4_missing)
+        if kv_cache_dtype not in (None, "auto") and kv_cache_dtype != str(dtype).removeprefix("torch."):
+            reasons.append(f"kv_cache_dtype={kv_cache_dtype!r} differs from the model dtype {dtype} (FA4 needs them equal)")
         sizes = SUPPORTED_HEAD_SIZES.get(device_capability.major)
         if sizes is None:
             reasons.append(
@@ -119,7 +127,7 @@ class BlackwellSparseBackend(AttentionBackend):
         elif head_size not in sizes:
             reasons.append(
                 f"head_size {head_size} is not supported on sm{device_capability.major}x; "
-                f"supported: {list(sizes)}"
+                f"supported: multiples of 8 from {sizes[0]} to {sizes[-1]}"
             )
         try:
             reasons += unavailable_feature_reasons(load_config())
@@ -185,9 +193,12 @@ class BlackwellSparseMetadataBuilder(AttentionMetadataBuilder[BlackwellSparseMet
         )
 
     def update_block_table(self, metadata, blk_table, slot_mapping):
-        metadata.block_table = blk_table
-        metadata.slot_mapping = slot_mapping
-        return metadata
+        # A copy: vLLM hands the same metadata object to every KV-cache group with this
+        # spec, and layers of earlier groups still hold it.
+        new = copy.copy(metadata)
+        new.block_table = blk_table
+        new.slot_mapping = slot_mapping
+        return new
 
 
 class BlackwellSparseImpl(AttentionImpl[BlackwellSparseMetadata]):
@@ -286,6 +297,20 @@ class BlackwellSparseImpl(AttentionImpl[BlackwellSparseMetadata]):
             softmax_scale=self.scale,
         )
         return output
+
+
+def fa4_unavailable_reason() -> str | None:
+    """Why FA4 cannot run here, checked without importing its CUDA modules (this runs
+    at backend selection, also in processes that must not touch CUDA)."""
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        return "vLLM is not importable"
+    cute_iface = Path(list(spec.submodule_search_locations)[0]) / "vllm_flash_attn" / "cute" / "interface.py"
+    if not cute_iface.exists():
+        return f"FA4 (vllm.vllm_flash_attn.cute) is missing from this vLLM install ({cute_iface})"
+    if importlib.util.find_spec("cutlass") is None:
+        return "FA4 needs the CuTe DSL (pip install nvidia-cutlass-dsl), which is not installed"
+    return None
 
 
 def fa4_paged_attention(

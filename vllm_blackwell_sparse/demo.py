@@ -133,8 +133,9 @@ def run_demo(*, num_prompts: int = 32, prompt_tokens: int = 1024, max_tokens: in
     from vllm_blackwell_sparse.doctor import gpu_info
 
     gpu = gpu_info()
-    if not gpu["cuda"]:
-        print(f"vbs demo: no CUDA device here ({gpu['reason']}).")
+    if not gpu["cuda"] or gpu["capability"][0] not in (9, 10):
+        why = f"no CUDA device here ({gpu['reason']})" if not gpu["cuda"] else f"{gpu['name']} is {gpu['arch']}"
+        print(f"vbs demo: {why}.")
         print("The GPU demo needs an sm90/sm100 GPU; running the CPU demonstration of the torch oracles instead.\n")
         return cpu_demo()
     print(f"vbs demo on {gpu['name']} ({gpu['arch']}): tiny dummy-weight Llama, {num_prompts} prompts x "

@@ -54,4 +54,19 @@ def register() -> bool:
         _state["registered"] = True
     except Exception:  # never break vLLM's start-up for users who do not select us
         logger.exception("vllm-blackwell-sparse: registering the CUSTOM attention backend failed")
+    _report_environment_config()
     return _state["registered"]
+
+
+def _report_environment_config() -> None:
+    """Log (never raise) what is wrong with the ``VBS_*`` settings. ``additional_config``
+    is not visible here (no VllmConfig exists yet); it is validated when the backend is
+    selected, where a problem refuses start-up with vLLM's reason line."""
+    from vllm_blackwell_sparse.config import ConfigError, parse_config, unavailable_feature_reasons
+
+    try:
+        problems = unavailable_feature_reasons(parse_config({}))
+    except ConfigError as e:
+        problems = [str(e)]
+    for problem in problems:
+        logger.error("vllm-blackwell-sparse: %s", problem)

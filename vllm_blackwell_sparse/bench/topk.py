@@ -31,6 +31,20 @@ VLLM_WORKSPACE_BYTES = 1024 * 1024  # RADIX_TOPK_WORKSPACE_SIZE of vLLM 0.26's i
 FLUSH_BYTES = 256 * 1024 * 1024
 
 
+def gvr_kernels(k: int, true_hint: torch.Tensor) -> dict[str, Callable]:
+    """Our GVR kernel with the previous step's top-k, a random hint, and no hint."""
+    from vllm_blackwell_sparse.kernels.gvr_topk import gvr_topk
+
+    rows, n = true_hint.shape[0], int(true_hint.max()) + 1
+    random_hint = torch.randint(0, max(n, k), (rows, k), dtype=torch.int32, device=true_hint.device)
+    true_hint = true_hint.int().contiguous()
+    return {
+        "gvr_true_hint": lambda x, lens, out: gvr_topk(x, lens, k, hint=true_hint, out=out),
+        "gvr_random_hint": lambda x, lens, out: gvr_topk(x, lens, k, hint=random_hint, out=out),
+        "gvr_no_hint": lambda x, lens, out: gvr_topk(x, lens, k, out=out),
+    }
+
+
 def topk_kernels(rows: int, k: int) -> dict[str, Callable]:
     """Baselines as ``fn(logits, seq_lens_2d, out_int32) -> None``; vLLM's choice mirrors
     its indexer (cooperative for <= 32 rows, persistent otherwise)."""
@@ -127,6 +141,7 @@ def run_topk_bench(
     iters: int = 50,
     warmup: int = 10,
     kernels: list[str] | None = None,
+    with_gvr: bool = True,
 ) -> dict:
     if not torch.cuda.is_available():
         raise RuntimeError("vbs bench topk needs a CUDA GPU")
@@ -144,7 +159,9 @@ def run_topk_bench(
             cur_topk = torch.topk(src, k, dim=1).indices
             overlap = topk_overlap(prev_topk, cur_topk)
             x = torch.empty_like(src)
-            for name, fn in topk_kernels(b, k).items():
+            candidates = dict(gvr_kernels(k, prev_topk)) if with_gvr else {}
+            candidates.update(topk_kernels(b, k))
+            for name, fn in candidates.items():
                 if kernels and name not in kernels:
                     continue
                 out = torch.full((b, k), -1, dtype=torch.int32, device="cuda")

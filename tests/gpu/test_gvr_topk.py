@@ -1,0 +1,113 @@
+"""GVR top-k kernel on the GPU: exact against torch.topk / the oracle on fresh random rows."""
+
+import random
+
+import pytest
+import torch
+
+from vllm_blackwell_sparse.kernels.gvr_topk import gvr_topk
+from vllm_blackwell_sparse.reference import topk_reference
+from vllm_blackwell_sparse.workloads import ADVERSARIAL_KINDS, adversarial_topk_row
+
+
+def check_rows(logits, lens, k, out):
+    """Per row: k (or all L) valid unique indices then -1; values = torch.topk's as multisets."""
+    rows, n = logits.shape
+    lens = lens.reshape(-1).long().clamp(0, n)
+    valid = out >= 0
+    assert torch.equal(valid.sum(1), lens.clamp(max=k)), "wrong number of indices"
+    assert bool((out < lens[:, None]).all()), "index outside the row"
+    # Valid entries first, then -1.
+    assert bool((valid[:, 1:] <= valid[:, :-1]).all())
+    idx = torch.where(valid, out.long(), torch.full_like(out.long(), n))
+    srt = torch.sort(idx, 1).values
+    assert not bool(((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] < n)).any()), "duplicate index"
+    col = torch.arange(n, device=logits.device)
+    masked = torch.where(col[None] < lens[:, None], logits, torch.full_like(logits, float("-inf")))
+    got = torch.where(valid, masked.gather(1, out.clamp(min=0).long()), torch.full_like(logits[:, :k], float("-inf")))
+    want = torch.topk(masked, k, dim=1).values
+    torch.testing.assert_close(torch.sort(got, 1).values, torch.sort(want, 1).values, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("k", [512, 1024, 2048])
+def test_fuzz_100k_rows_against_torch_topk(k):
+    seed = random.randrange(1 << 30)
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    total = 0
+    while total < 100_000 // 3 + 1:
+        rows = random.choice([1, 7, 64, 1000, 4096])
+        n = random.choice([k // 2, k + 1, 3 * k, 16384, 65536]) if rows <= 1000 else random.choice([k + 1, 3 * k, 8192])
+        logits = torch.randn(rows, n, generator=g, device="cuda") * random.choice([1.0, 1e-3, 1e4])
+        lens = torch.randint(max(1, n // 2), n + 1, (rows,), generator=g, device="cuda", dtype=torch.int32)
+        prev = torch.topk(logits + 0.5 * torch.randn(rows, n, generator=g, device="cuda"), min(k, n), dim=1).indices
+        hint = torch.full((rows, k), -1, dtype=torch.int32, device="cuda")
+        hint[:, : prev.shape[1]] = prev.int()
+        choice = random.choice(["true", "none", "random"])
+        if choice == "random":
+            hint = torch.randint(-3, n + 5, (rows, k), generator=g, device="cuda", dtype=torch.int32)
+        out = gvr_topk(logits, lens, k, hint=None if choice == "none" else hint)
+        check_rows(logits, lens, k, out)
+        total += rows
+    print(f"seed {seed}: {total} rows")
+
+
+@pytest.mark.parametrize("kind", ADVERSARIAL_KINDS)
+def test_adversarial_rows_follow_the_tie_rule(kind):
+    k, n = 512, 6000
+    logits = torch.stack([adversarial_topk_row(kind, n, seed=s) for s in range(6)]).cuda()
+    lens = torch.tensor([n, 5000, 600, 513, 512, 100], dtype=torch.int32, device="cuda")
+    want = topk_reference(logits, lens, k)
+    for hint in (None, torch.randint(0, n, (6, k), device="cuda", dtype=torch.int32), want.clone()):
+        out = gvr_topk(logits, lens, k, hint=hint)
+        for r in range(6):
+            assert set(out[r].tolist()) == set(want[r].tolist()), (kind, r)
+
+
+def test_hint_table_row_slot_strided_rows_and_2d_seq_lens():
+    k, rows, n = 1024, 8, 20000
+    buf = torch.randn(rows, n + 96, device="cuda")
+    logits = buf[:, :n]  # row stride n + 96
+    lens = torch.full((rows // 2, 2), n, dtype=torch.int32, device="cuda")  # (B, next_n)
+    lens[:, 0] -= 1
+    table = torch.full((5, k), -1, dtype=torch.int32, device="cuda")
+    table[2] = torch.topk(logits[3], k).indices.int()
+    row_slot = torch.tensor([-1, 2, 2, 2, 0, -1, 4, 1], dtype=torch.int32, device="cuda")
+    out = gvr_topk(logits, lens, k, hint_table=table, row_slot=row_slot)
+    check_rows(logits, lens, k, out)
+    want = topk_reference(logits.contiguous(), lens, k)
+    for r in range(rows):
+        assert set(out[r].tolist()) == set(want[r].tolist())
+
+
+def test_deterministic_and_cuda_graph_capturable():
+    k, rows, n = 2048, 16, 65536
+    logits = torch.randn(rows, n, device="cuda")
+    lens = torch.full((rows,), n, dtype=torch.int32, device="cuda")
+    hint = torch.topk(logits + 0.3 * torch.randn_like(logits), k, dim=1).indices.int()
+    out = torch.empty(rows, k, dtype=torch.int32, device="cuda")
+    gvr_topk(logits, lens, k, hint=hint, out=out)  # compile outside the capture
+    first = out.clone()
+    gvr_topk(logits, lens, k, hint=hint, out=out)
+    assert torch.equal(out, first)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gvr_topk(logits, lens, k, hint=hint, out=out)
+    for _ in range(2):
+        logits.copy_(torch.randn_like(logits))
+        lens.copy_(torch.randint(k // 2, n + 1, (rows,), device="cuda", dtype=torch.int32))
+        graph.replay()
+        torch.cuda.synchronize()
+        check_rows(logits, lens, k, out)
+
+
+def test_bad_arguments_raise_clear_errors():
+    x = torch.randn(2, 4096, device="cuda")
+    lens = torch.full((2,), 4096, dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match="k must be one of"):
+        gvr_topk(x, lens, 100)
+    with pytest.raises(ValueError, match="float32"):
+        gvr_topk(x.half(), lens, 512)
+    with pytest.raises(ValueError, match="seq_lens"):
+        gvr_topk(x, lens.long(), 512)
+    with pytest.raises(ValueError, match="row_slot"):
+        gvr_topk(x, lens, 512, hint_table=torch.zeros(1, 512, dtype=torch.int32, device="cuda"))

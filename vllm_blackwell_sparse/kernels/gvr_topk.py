@@ -1,0 +1,509 @@
+"""GVR (Guess-Verify-Refine) exact top-k for the DSA decode indexer, in CuTe DSL.
+
+One CTA (512 threads, 16 warps) per logits row. Semantics are those of
+``reference/topk.py``: an unordered set of ``k`` column indices per row (``-1``
+padded when the row is shorter), values ordered ``NaN > +inf > ... > -inf`` with
+``-0 == +0``, ties at the cutoff won by lower column indices.
+
+Work on the 32-bit *ordered key* of each value (unsigned integer order = value order):
+
+1. **Guess** a key window ``[lo, lo + 256 << shift)`` from the keys at the hinted
+   columns (the previous step's top-k): ``lo`` = their minimum, ``shift`` the
+   smallest that covers their maximum. With ``k`` distinct valid hints at least ``k``
+   keys are ``>= lo``, so the k-th largest key lies in the window. Without a valid
+   hint the window is the whole key range (a radix pass).
+2. **Verify** with one counting pass over the row: keys above the window are counted
+   in registers; keys inside it go to per-warp 256-bin shared-memory histograms.
+   The bins give ``count(key >= boundary)`` for 257 thresholds at once; the chosen
+   threshold ``T`` is the highest bin boundary with ``count >= k``. If that count
+   exceeds the candidate capacity the window narrows to that bin (``shift -= 8``)
+   and the pass repeats; if the window holds fewer than ``k`` keys it widens to the
+   whole range. At most 5 passes; a good hint needs one.
+3. **Collect** the survivors ``key >= T`` into shared memory. Each warp owns a
+   contiguous segment of the row, so its survivor count is known from its own
+   histogram: warp offsets are an exclusive scan of those counts and, inside a warp,
+   lane offsets a shuffle scan. No ballots, no per-element atomics, and candidates
+   land in column order (which makes the tie rule a "first come" rule).
+4. **Refine** exactly in shared memory: radix-select the k-th largest key ``K*``
+   among the survivors (only the ``shift`` low bits are unknown), then write every
+   survivor above ``K*`` and the first ``k - count(> K*)`` equal to it. When the
+   window has narrowed to single keys (``shift == 0``), ``K*`` is known and the row
+   is emitted directly from global memory, so tie blocks larger than the capacity
+   cost no shared memory.
+
+Shared memory: 16 KiB of histograms + 8 bytes per candidate (capacity ``3 k``).
+The kernel does not synchronise with the host and allocates nothing: it can be
+captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+NUM_THREADS = 512
+NUM_WARPS = NUM_THREADS // 32
+BINS = 256
+CAP_FACTOR = 3
+SUPPORTED_K = (512, 1024, 2048)
+MAX_COLS = 1 << 24  # column indices and counts stay far inside int32
+
+_COMPILED: dict[tuple, object] = {}
+
+
+def _kernel_module():
+    """Build the CuTe-DSL kernel class lazily (the DSL is imported only when needed)."""
+    import cutlass
+    import cutlass.cute as cute
+    from cutlass import Int32, Uint32, const_expr
+
+    @cute.jit
+    def ordered_key(bits):
+        """fp32 bits (as Int32) -> Uint32 key whose unsigned order is the value order."""
+        u = Uint32(bits)
+        mag = u & Uint32(0x7FFFFFFF)
+        key = cutlass.select_((u & Uint32(0x80000000)) != Uint32(0), ~u, u | Uint32(0x80000000))
+        key = cutlass.select_(mag == Uint32(0), Uint32(0x80000000), key)  # -0 == +0
+        return cutlass.select_(mag > Uint32(0x7F800000), Uint32(0xFFFFFFFF), key)  # every NaN on top
+
+    @cute.jit
+    def warp_inclusive_scan(val, lane):
+        for i in cutlass.range_constexpr(5):
+            off = 1 << i
+            other = cute.arch.shuffle_sync_up(val, offset=off, mask_and_clamp=0)
+            if lane >= off:
+                val += other
+        return val
+
+    class GvrTopKSm90:
+        """One CTA per row; see the module docstring. Also compiles for sm_100a."""
+
+        def __init__(self, k: int, has_hint: bool, use_row_slot: bool):
+            self.k = k
+            self.cap = CAP_FACTOR * k
+            self.has_hint = has_hint
+            self.use_row_slot = use_row_slot
+
+        @cute.jit
+        def __call__(self, mBits, mLens, mHint, mRowSlot, mOut, stream):
+            self.kernel(mBits, mLens, mHint, mRowSlot, mOut).launch(
+                grid=[mOut.shape[0], 1, 1], block=[NUM_THREADS, 1, 1], stream=stream
+            )
+
+        # --- block-wide helpers (every thread must call them) -------------------------
+
+        @cute.jit
+        def block_sum(self, val, sRed, tidx):
+            lane, warp = tidx % 32, tidx // 32
+            v = cute.arch.warp_reduction_sum(val)
+            cute.arch.barrier()
+            if lane == 0:
+                sRed[warp] = v
+            cute.arch.barrier()
+            total = Int32(0)
+            for w in cutlass.range_constexpr(NUM_WARPS):
+                total += sRed[w]
+            return total
+
+        @cute.jit
+        def block_min_u32(self, val, sRedU, tidx):
+            lane, warp = tidx % 32, tidx // 32
+            v = val
+            for i in cutlass.range_constexpr(5):
+                v = cutlass.min(v, cute.arch.shuffle_sync_bfly(v, offset=1 << i))
+            cute.arch.barrier()
+            if lane == 0:
+                sRedU[warp] = v
+            cute.arch.barrier()
+            m = sRedU[0]
+            for w in cutlass.range_constexpr(1, NUM_WARPS):
+                m = cutlass.min(m, sRedU[w])
+            return m
+
+        @cute.jit
+        def block_max_u32(self, val, sRedU, tidx):
+            lane, warp = tidx % 32, tidx // 32
+            v = val
+            for i in cutlass.range_constexpr(5):
+                v = cutlass.max(v, cute.arch.shuffle_sync_bfly(v, offset=1 << i))
+            cute.arch.barrier()
+            if lane == 0:
+                sRedU[warp] = v
+            cute.arch.barrier()
+            m = sRedU[0]
+            for w in cutlass.range_constexpr(1, NUM_WARPS):
+                m = cutlass.max(m, sRedU[w])
+            return m
+
+        @cute.jit
+        def block_exclusive_scan(self, val, sRed, tidx):
+            """(exclusive prefix of val over threads, block total)."""
+            lane, warp = tidx % 32, tidx // 32
+            inc = warp_inclusive_scan(val, lane)
+            cute.arch.barrier()
+            if lane == 31:
+                sRed[warp] = inc
+            cute.arch.barrier()
+            base = Int32(0)
+            total = Int32(0)
+            for w in cutlass.range_constexpr(NUM_WARPS):
+                s = sRed[w]
+                if w < warp:
+                    base += s
+                total += s
+            return base + inc - val, total
+
+        # --- the kernel -----------------------------------------------------------------
+
+        @cute.kernel
+        def kernel(self, mBits, mLens, mHint, mRowSlot, mOut):
+            tidx, _, _ = cute.arch.thread_idx()
+            row, _, _ = cute.arch.block_idx()
+            lane, warp = tidx % 32, tidx // 32
+            k = self.k
+            cap = self.cap
+
+            smem = cutlass.utils.SmemAllocator()
+            sHist = smem.allocate_tensor(Int32, cute.make_layout((BINS, NUM_WARPS), stride=(1, BINS)), 16)
+            sCandKey = smem.allocate_tensor(Uint32, cute.make_layout(cap), 16)
+            sCandIdx = smem.allocate_tensor(Int32, cute.make_layout(cap), 16)
+            sRed = smem.allocate_tensor(Int32, cute.make_layout(NUM_WARPS), 16)
+            sRedU = smem.allocate_tensor(Uint32, cute.make_layout(NUM_WARPS), 16)
+            sWarp = smem.allocate_tensor(Int32, cute.make_layout(NUM_WARPS), 16)  # per-warp counts / bases
+            sWarpTie = smem.allocate_tensor(Int32, cute.make_layout(NUM_WARPS), 16)
+            sSuffix = smem.allocate_tensor(Int32, cute.make_layout(BINS + 1), 16)  # count(key >= bin b)
+            sPick = smem.allocate_tensor(Int32, cute.make_layout(4), 16)
+
+            length = cutlass.min(mLens[row], mBits.shape[1])
+            length = cutlass.max(length, Int32(0))
+
+            if length <= k:
+                # Every valid column, then -1.
+                for j in cutlass.range(tidx, k, NUM_THREADS):
+                    mOut[row, j] = cutlass.select_(j < length, j, Int32(-1))
+            else:
+                # ---- 1. guess: a key window from the hinted columns ----
+                hmin = Uint32(0xFFFFFFFF)
+                hmax = Uint32(0)
+                nvalid = Int32(0)
+                if const_expr(self.has_hint):
+                    slot = row
+                    if const_expr(self.use_row_slot):
+                        slot = mRowSlot[row]
+                    if slot >= 0:
+                        for j in cutlass.range(tidx, k, NUM_THREADS):
+                            c = mHint[slot, j]
+                            if c >= 0 and c < length:
+                                key = ordered_key(mBits[row, c])
+                                hmin = cutlass.min(hmin, key)
+                                hmax = cutlass.max(hmax, key)
+                                nvalid += 1
+                nvalid = self.block_sum(nvalid, sRed, tidx)
+                lo = Uint32(0)
+                shift = Int32(24)
+                if nvalid > 0:
+                    lo = self.block_min_u32(hmin, sRedU, tidx)
+                    hi = self.block_max_u32(hmax, sRedU, tidx)
+                    span = hi - lo
+                    shift = Int32(0)
+                    while (span >> Uint32(shift)) >= Uint32(BINS):
+                        shift += 1
+                else:
+                    cute.arch.barrier()
+
+                # Each warp owns columns [seg_lo, seg_hi): a multiple of 32 long.
+                seg = ((length + NUM_WARPS * 32 - 1) // (NUM_WARPS * 32)) * 32
+                seg_lo = warp * seg
+                seg_hi = cutlass.min(seg_lo + seg, length)
+
+                # ---- 2. verify: histogram passes until k <= count(>= T) <= cap ----
+                done = Int32(0)
+                thr_bin = Int32(0)
+                while done == 0:
+                    for b in cutlass.range(lane, BINS, 32):
+                        sHist[b, warp] = 0
+                    cute.arch.barrier()
+                    above = Int32(0)
+                    for c in cutlass.range(seg_lo + lane, seg_hi, 32, unroll=8):
+                        key = ordered_key(mBits[row, c])
+                        if key >= lo:
+                            b = (key - lo) >> Uint32(shift)
+                            if b >= Uint32(BINS):
+                                above += 1
+                            else:
+                                cute.arch.atomic_add(sHist.iterator + (Int32(b) + warp * BINS), Int32(1))
+                    above_w = cute.arch.warp_reduction_sum(above)
+                    if lane == 0:
+                        sWarp[warp] = above_w
+                    cute.arch.barrier()
+                    # Bin totals and their suffix sums (thread b owns bin b), then pick
+                    # the highest boundary with count >= k.
+                    if tidx < BINS:
+                        tot = Int32(0)
+                        for w in cutlass.range_constexpr(NUM_WARPS):
+                            tot += sHist[tidx, w]
+                        sSuffix[tidx] = tot
+                    if tidx == 0:
+                        a = Int32(0)
+                        for w in cutlass.range_constexpr(NUM_WARPS):
+                            a += sWarp[w]
+                        sSuffix[BINS] = a
+                    cute.arch.barrier()
+                    if tidx == 0:
+                        run = sSuffix[BINS]
+                        best = Int32(-1)
+                        best_count = Int32(0)
+                        above_best = Int32(0)
+                        b = Int32(BINS - 1)
+                        while b >= 0 and best < 0:
+                            nxt = run + sSuffix[b]
+                            if nxt >= k:
+                                best = b
+                                best_count = nxt
+                                above_best = run
+                            run = nxt
+                            b -= 1
+                        sPick[0] = best
+                        sPick[1] = best_count
+                        sPick[2] = above_best
+                    cute.arch.barrier()
+                    best = sPick[0]
+                    best_count = sPick[1]
+                    if best < 0:
+                        # Fewer than k keys in the window: the hint was misleading.
+                        lo = Uint32(0)
+                        shift = Int32(24)
+                    elif best_count <= cap or shift == 0:
+                        done = Int32(1)
+                        thr_bin = best
+                    else:
+                        lo = lo + (Uint32(best) << Uint32(shift))
+                        shift = cutlass.max(shift - 8, Int32(0))
+                    cute.arch.barrier()
+
+                thresh = lo + (Uint32(thr_bin) << Uint32(shift))
+                count_ge = sPick[1]
+                count_gt_bin = sPick[2]  # keys above the chosen bin
+                # Per-warp survivor counts from the warp's own histogram.
+                mine = Int32(0)
+                for b in cutlass.range(thr_bin + lane, BINS, 32):
+                    mine += sHist[b, warp]
+                mine = cute.arch.warp_reduction_sum(mine) + sWarp[warp]
+                ties_w = sHist[thr_bin, warp]
+                cute.arch.barrier()
+                if lane == 0:
+                    sWarp[warp] = mine
+                    sWarpTie[warp] = ties_w
+                cute.arch.barrier()
+                base_w = Int32(0)
+                tie_base_w = Int32(0)
+                for w in cutlass.range_constexpr(NUM_WARPS):
+                    if w < warp:
+                        base_w += sWarp[w]
+                        tie_base_w += sWarpTie[w]
+
+                if shift == 0:
+                    # ---- K* = thresh exactly: emit straight from the row ----
+                    need_ties = k - count_gt_bin
+                    out_gt = base_w - tie_base_w  # keys > K* before this warp
+                    tie_rank = tie_base_w
+                    for c0 in cutlass.range(seg_lo, seg_hi, 32):
+                        c = c0 + lane
+                        key = ordered_key(mBits[row, c])
+                        is_gt = Int32(key > thresh)
+                        is_eq = Int32(key == thresh)
+                        inc_gt = warp_inclusive_scan(is_gt, lane)
+                        inc_eq = warp_inclusive_scan(is_eq, lane)
+                        if is_gt == 1:
+                            mOut[row, out_gt + inc_gt - 1] = c
+                        r = tie_rank + inc_eq - 1
+                        if is_eq == 1 and r < need_ties:
+                            mOut[row, count_gt_bin + r] = c
+                        out_gt += cute.arch.shuffle_sync(inc_gt, 31)
+                        tie_rank += cute.arch.shuffle_sync(inc_eq, 31)
+                else:
+                    # ---- 3. collect survivors (key >= thresh) in column order ----
+                    pos = base_w
+                    for c0 in cutlass.range(seg_lo, seg_hi, 32):
+                        c = c0 + lane
+                        key = ordered_key(mBits[row, c])
+                        keep = Int32(key >= thresh)
+                        inc = warp_inclusive_scan(keep, lane)
+                        if keep == 1:
+                            sCandKey[pos + inc - 1] = key
+                            sCandIdx[pos + inc - 1] = c
+                        pos += cute.arch.shuffle_sync(inc, 31)
+                    cute.arch.barrier()
+                    n_cand = count_ge
+
+                    # ---- 4. refine: radix-select K* among the low `shift` bits ----
+                    prefix = thresh
+                    need = k - count_gt_bin  # rank of K* inside the chosen bin
+                    s = shift
+                    while s > 0:
+                        d_shift = cutlass.max(s - 8, Int32(0))
+                        width = s - d_shift
+                        nb = Int32(1) << width
+                        for b in cutlass.range(tidx, BINS, NUM_THREADS):
+                            sSuffix[b] = 0
+                        cute.arch.barrier()
+                        for i in cutlass.range(tidx, n_cand, NUM_THREADS):
+                            key = sCandKey[i]
+                            if (key >> Uint32(s)) == (prefix >> Uint32(s)):
+                                d = Int32((key >> Uint32(d_shift)) & Uint32(nb - 1))
+                                cute.arch.atomic_add(sSuffix.iterator + d, Int32(1))
+                        cute.arch.barrier()
+                        if tidx == 0:
+                            run = Int32(0)
+                            d = nb - 1
+                            found = Int32(-1)
+                            while d >= 0 and found < 0:
+                                h = sSuffix[d]
+                                if run + h >= need:
+                                    found = d
+                                    sPick[3] = need - run
+                                run += h
+                                d -= 1
+                            sPick[0] = found
+                        cute.arch.barrier()
+                        prefix = prefix | (Uint32(sPick[0]) << Uint32(d_shift))
+                        need = sPick[3]
+                        s = d_shift
+                        cute.arch.barrier()
+                    kstar = prefix
+                    need_ties = need
+                    # ---- emit: survivors > K*, then the first need_ties equal to K* ----
+                    per = (n_cand + NUM_THREADS - 1) // NUM_THREADS
+                    i0 = tidx * per
+                    i1 = cutlass.min(i0 + per, n_cand)
+                    n_gt = Int32(0)
+                    n_eq = Int32(0)
+                    for i in cutlass.range(i0, i1):
+                        key = sCandKey[i]
+                        n_gt += Int32(key > kstar)
+                        n_eq += Int32(key == kstar)
+                    gt_base, total_gt = self.block_exclusive_scan(n_gt, sRed, tidx)
+                    eq_base, _ = self.block_exclusive_scan(n_eq, sRed, tidx)
+                    for i in cutlass.range(i0, i1):
+                        key = sCandKey[i]
+                        if key > kstar:
+                            mOut[row, gt_base] = sCandIdx[i]
+                            gt_base += 1
+                        elif key == kstar:
+                            if eq_base < need_ties:
+                                mOut[row, total_gt + eq_base] = sCandIdx[i]
+                            eq_base += 1
+
+    return GvrTopKSm90
+
+
+def _arch() -> str:
+    override = os.environ.get("CUTE_DSL_ARCH")
+    if override:
+        return override
+    major, minor = torch.cuda.get_device_capability()
+    return f"sm_{major}{minor}a"
+
+
+def compile_gvr_topk(k: int, *, has_hint: bool, use_row_slot: bool, arch: str | None = None, fake: bool = False):
+    """Compile (cached) the kernel for ``k``; ``fake=True`` compiles against fake tensors
+    (no GPU needed; set ``CUTE_DSL_ARCH`` to pick sm_90a or sm_100a)."""
+    import cutlass
+    import cutlass.cute as cute
+    from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream, make_fake_tensor
+
+    if k not in SUPPORTED_K:
+        raise ValueError(f"k must be one of {SUPPORTED_K}, got {k}")
+    arch = arch or _arch()
+    key = (k, has_hint, use_row_slot, arch, fake)
+    if key in _COMPILED:
+        return _COMPILED[key]
+    op = _kernel_module()(k, has_hint, use_row_slot)
+    rows, cols, stride, slots = cute.sym_int(), cute.sym_int(), cute.sym_int(), cute.sym_int()
+    bits = make_fake_tensor(cutlass.Int32, (rows, cols), stride=(stride, 1), assumed_align=4)
+    lens = make_fake_compact_tensor(cutlass.Int32, (rows,))
+    hint = make_fake_compact_tensor(cutlass.Int32, (slots, k), stride_order=(1, 0))
+    row_slot = make_fake_compact_tensor(cutlass.Int32, (rows,))
+    out = make_fake_compact_tensor(cutlass.Int32, (rows, k), stride_order=(1, 0))
+    stream = make_fake_stream(use_tvm_ffi_env_stream=True)  # the caller's current torch stream
+    compiled = cute.compile(op, bits, lens, hint, row_slot, out, stream, options="--enable-tvm-ffi")
+    _COMPILED[key] = compiled
+    return compiled
+
+
+def gvr_topk(
+    logits: torch.Tensor,
+    seq_lens: torch.Tensor,
+    k: int,
+    *,
+    hint: torch.Tensor | None = None,
+    hint_table: torch.Tensor | None = None,
+    row_slot: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    workspace: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Exact top-k column indices of each fp32 logits row (semantics: ``reference/topk.py``).
+
+    ``seq_lens``: (rows,) or (B, next_n) int32, one valid length per row. The hint is
+    either ``hint`` ``[rows, k]`` (the previous step's indices of each row) or
+    ``hint_table`` ``[slots, k]`` plus ``row_slot`` ``[rows]`` (-1: no hint for that
+    row). Hints only change speed. ``out``: preallocated int32 ``[rows, k]``; with it
+    the call allocates nothing and can be captured in a CUDA graph. ``workspace`` is
+    accepted for interface compatibility and unused (all scratch is shared memory).
+    """
+    if logits.dim() != 2 or logits.dtype != torch.float32:
+        raise ValueError(f"logits must be a 2-D float32 tensor, got {tuple(logits.shape)} {logits.dtype}")
+    if not logits.is_cuda:
+        raise ValueError("logits must be on a CUDA device")
+    if logits.stride(1) != 1:
+        raise ValueError(f"logits must be contiguous along columns (stride(1) == 1), got stride {logits.stride()}")
+    if k not in SUPPORTED_K:
+        raise ValueError(f"k must be one of {SUPPORTED_K}, got {k}")
+    rows, cols = logits.shape
+    if cols >= MAX_COLS:
+        raise ValueError(f"rows longer than {MAX_COLS} columns are not supported, got {cols}")
+    lens = seq_lens.reshape(-1)
+    if lens.numel() != rows or lens.dtype != torch.int32:
+        raise ValueError(f"seq_lens must be int32 with one length per row ({rows}), got {tuple(seq_lens.shape)} {seq_lens.dtype}")
+    if hint is not None and hint_table is not None:
+        raise ValueError("pass either hint or hint_table/row_slot, not both")
+    if hint_table is not None and row_slot is None:
+        raise ValueError("hint_table needs row_slot ([rows] int32, -1 = no hint)")
+    table = hint if hint is not None else hint_table
+    if table is not None and (table.dtype != torch.int32 or table.dim() != 2 or table.shape[1] != k or not table.is_contiguous()):
+        raise ValueError(f"hint / hint_table must be contiguous int32 [*, {k}], got {tuple(table.shape)} {table.dtype}")
+    if hint is not None and hint.shape[0] != rows:
+        raise ValueError(f"hint must have one row per logits row ({rows}), got {hint.shape[0]}")
+    if row_slot is not None and (row_slot.dtype != torch.int32 or row_slot.numel() != rows):
+        raise ValueError(f"row_slot must be int32 [rows={rows}]")
+    if out is None:
+        out = torch.empty(rows, k, dtype=torch.int32, device=logits.device)
+    elif out.shape != (rows, k) or out.dtype != torch.int32 or not out.is_contiguous():
+        raise ValueError(f"out must be contiguous int32 [{rows}, {k}]")
+    if rows == 0:
+        return out
+    has_hint = table is not None
+    use_row_slot = hint_table is not None
+    fn = compile_gvr_topk(k, has_hint=has_hint, use_row_slot=use_row_slot)
+    # Without a hint (or row_slot) the kernel never reads those arguments; pass
+    # well-formed stand-ins so one signature serves every variant.
+    fn(
+        logits.view(torch.int32),
+        lens,
+        table if has_hint else _dummy_hint(k, logits.device),
+        row_slot if use_row_slot else lens,
+        out,
+    )
+    return out
+
+
+_DUMMY: dict = {}
+
+
+def _dummy_hint(k: int, device) -> torch.Tensor:
+    key = (k, str(device))
+    if key not in _DUMMY:
+        _DUMMY[key] = torch.full((1, k), -1, dtype=torch.int32, device=device)
+    return _DUMMY[key]

@@ -5,7 +5,7 @@ step 0 gives the previous top-k (the "true hint"), step 1 is the row to select f
 Each kernel is checked against torch.topk (multiset of values) before it is timed.
 
 Timing: CUDA events around the kernel alone, ``iters`` timed calls after ``warmup``,
-median reported (µs). ``hot``: the logits are rewritten right before every call, as
+median reported (µs); a GPU spin before each call hides the host's launch overhead. ``hot``: the logits are rewritten right before every call, as
 the indexer GEMM leaves them in L2 in serving. ``cold``: a 256 MiB scratch buffer
 (over 4× the H200's 60 MB L2) is rewritten before every call, evicting the logits.
 """
@@ -29,14 +29,15 @@ DEFAULT_BATCHES = (1, 8, 32, 64, 128)
 DEFAULT_NS = (16384, 32768, 65536, 131072)
 VLLM_WORKSPACE_BYTES = 1024 * 1024  # RADIX_TOPK_WORKSPACE_SIZE of vLLM 0.26's indexer
 FLUSH_BYTES = 256 * 1024 * 1024
+SPIN_CYCLES = 200_000  # ~100 µs at the H200's clock
 
 
-def gvr_kernels(k: int, true_hint: torch.Tensor) -> dict[str, Callable]:
+def gvr_kernels(k: int, true_hint: torch.Tensor, n: int) -> dict[str, Callable]:
     """Our GVR kernel with the previous step's top-k, a random hint, and no hint."""
     from vllm_blackwell_sparse.kernels.gvr_topk import gvr_topk
 
-    rows, n = true_hint.shape[0], int(true_hint.max()) + 1
-    random_hint = torch.randint(0, max(n, k), (rows, k), dtype=torch.int32, device=true_hint.device)
+    rows = true_hint.shape[0]
+    random_hint = torch.randint(0, n, (rows, k), dtype=torch.int32, device=true_hint.device)
     true_hint = true_hint.int().contiguous()
     return {
         "gvr_true_hint": lambda x, lens, out: gvr_topk(x, lens, k, hint=true_hint, out=out),
@@ -93,6 +94,9 @@ def time_kernel(fn: Callable, x: torch.Tensor, src: torch.Tensor, lens, out, *, 
     flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.float32, device="cuda") if l2 == "cold" else None
     times = []
     for i in range(warmup + iters):
+        # Keep the GPU busy while the host enqueues, so the events time the kernel and
+        # not the Python launch overhead of whichever wrapper is being measured.
+        torch.cuda._sleep(SPIN_CYCLES)
         x.copy_(src)  # the "indexer" writes the logits
         if flush is not None:
             flush.fill_(float(i))
@@ -159,7 +163,7 @@ def run_topk_bench(
             cur_topk = torch.topk(src, k, dim=1).indices
             overlap = topk_overlap(prev_topk, cur_topk)
             x = torch.empty_like(src)
-            candidates = dict(gvr_kernels(k, prev_topk)) if with_gvr else {}
+            candidates = dict(gvr_kernels(k, prev_topk, n)) if with_gvr else {}
             candidates.update(topk_kernels(b, k))
             for name, fn in candidates.items():
                 if kernels and name not in kernels:

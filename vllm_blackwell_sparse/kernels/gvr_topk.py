@@ -62,11 +62,12 @@ def _kernel_module():
     @cute.jit
     def ordered_key(bits):
         """fp32 bits (as Int32) -> Uint32 key whose unsigned order is the value order."""
+        # select_ returns an untyped value: re-wrap as Uint32 so comparisons stay unsigned.
         u = Uint32(bits)
         mag = u & Uint32(0x7FFFFFFF)
-        key = cutlass.select_((u & Uint32(0x80000000)) != Uint32(0), ~u, u | Uint32(0x80000000))
-        key = cutlass.select_(mag == Uint32(0), Uint32(0x80000000), key)  # -0 == +0
-        return cutlass.select_(mag > Uint32(0x7F800000), Uint32(0xFFFFFFFF), key)  # every NaN on top
+        key = Uint32(cutlass.select_((u & Uint32(0x80000000)) != Uint32(0), ~u, u | Uint32(0x80000000)))
+        key = Uint32(cutlass.select_(mag == Uint32(0), Uint32(0x80000000), key))  # -0 == +0
+        return Uint32(cutlass.select_(mag > Uint32(0x7F800000), Uint32(0xFFFFFFFF), key))  # every NaN on top
 
     @cute.jit
     def warp_inclusive_scan(val, lane):
@@ -182,7 +183,7 @@ def _kernel_module():
             if length <= k:
                 # Every valid column, then -1.
                 for j in cutlass.range(tidx, k, NUM_THREADS):
-                    mOut[row, j] = cutlass.select_(j < length, j, Int32(-1))
+                    mOut[row, j] = Int32(cutlass.select_(j < length, j, Int32(-1)))
             else:
                 # ---- 1. guess: a key window from the hinted columns ----
                 hmin = Uint32(0xFFFFFFFF)
@@ -206,12 +207,12 @@ def _kernel_module():
                 if nvalid > 0:
                     lo = self.block_min_u32(hmin, sRedU, tidx)
                     hi = self.block_max_u32(hmax, sRedU, tidx)
-                    span = hi - lo
+                    # Bins are aligned to 1 << shift, so each bin is a range of keys that
+                    # share their high bits (what the radix refine needs).
                     shift = Int32(0)
-                    while (span >> Uint32(shift)) >= Uint32(BINS):
+                    while ((hi >> Uint32(shift)) - (lo >> Uint32(shift))) >= Uint32(BINS):
                         shift += 1
-                else:
-                    cute.arch.barrier()
+                    lo = (lo >> Uint32(shift)) << Uint32(shift)
 
                 # Each warp owns columns [seg_lo, seg_hi): a multiple of 32 long.
                 seg = ((length + NUM_WARPS * 32 - 1) // (NUM_WARPS * 32)) * 32
@@ -311,9 +312,12 @@ def _kernel_module():
                     tie_rank = tie_base_w
                     for c0 in cutlass.range(seg_lo, seg_hi, 32):
                         c = c0 + lane
-                        key = ordered_key(mBits[row, c])
-                        is_gt = Int32(key > thresh)
-                        is_eq = Int32(key == thresh)
+                        is_gt = Int32(0)
+                        is_eq = Int32(0)
+                        if c < seg_hi:
+                            key = ordered_key(mBits[row, c])
+                            is_gt = Int32(key > thresh)
+                            is_eq = Int32(key == thresh)
                         inc_gt = warp_inclusive_scan(is_gt, lane)
                         inc_eq = warp_inclusive_scan(is_eq, lane)
                         if is_gt == 1:
@@ -328,13 +332,18 @@ def _kernel_module():
                     pos = base_w
                     for c0 in cutlass.range(seg_lo, seg_hi, 32):
                         c = c0 + lane
-                        key = ordered_key(mBits[row, c])
-                        keep = Int32(key >= thresh)
-                        inc = warp_inclusive_scan(keep, lane)
-                        if keep == 1:
-                            sCandKey[pos + inc - 1] = key
-                            sCandIdx[pos + inc - 1] = c
-                        pos += cute.arch.shuffle_sync(inc, 31)
+                        key = Uint32(0)
+                        keep = Int32(0)
+                        if c < seg_hi:
+                            key = ordered_key(mBits[row, c])
+                            keep = Int32(key >= thresh)
+                        # Most 32-column chunks hold no survivor: skip their scan.
+                        if cute.arch.vote_any_sync(keep == 1):
+                            inc = warp_inclusive_scan(keep, lane)
+                            if keep == 1:
+                                sCandKey[pos + inc - 1] = key
+                                sCandIdx[pos + inc - 1] = c
+                            pos += cute.arch.shuffle_sync(inc, 31)
                     cute.arch.barrier()
                     n_cand = count_ge
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import platform
 from importlib import metadata
 
@@ -64,7 +65,13 @@ def kernel_availability(gpu: dict) -> dict[str, str]:
     out["FA4 dense attention (vllm.vllm_flash_attn.cute)"] = fa4
     for phase in ("prefill", "decode"):
         out[f"BLASST {phase}"] = "available" if BLASST_KERNEL_AVAILABLE[phase] else "not in this release"
-    out["GVR top-k"] = "not in this release"
+    if gpu["cuda"] and gpu["capability"][0] in (9, 10):
+        gvr = "v1 available (exact; slower than vLLM's own top-k, so vLLM does not use it yet)"
+        if importlib.util.find_spec("cutlass") is None:
+            gvr = "unavailable: the CuTe DSL (nvidia-cutlass-dsl) is not installed"
+    else:
+        gvr = "unavailable: needs an sm90 / sm100 GPU"
+    out["GVR top-k (kernels/gvr_topk.py)"] = gvr
     return out
 
 

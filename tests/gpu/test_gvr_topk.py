@@ -24,8 +24,9 @@ def check_rows(logits, lens, k, out):
     assert not bool(((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] < n)).any()), "duplicate index"
     col = torch.arange(n, device=logits.device)
     masked = torch.where(col[None] < lens[:, None], logits, torch.full_like(logits, float("-inf")))
-    got = torch.where(valid, masked.gather(1, out.clamp(min=0).long()), torch.full_like(logits[:, :k], float("-inf")))
-    want = torch.topk(masked, k, dim=1).values
+    neg = torch.full(out.shape, float("-inf"), device=logits.device)
+    got = torch.where(valid, masked.gather(1, out.clamp(min=0).long().clamp(max=n - 1)), neg)
+    want = torch.cat([torch.topk(masked, min(k, n), dim=1).values, neg[:, : max(0, k - n)]], dim=1)
     torch.testing.assert_close(torch.sort(got, 1).values, torch.sort(want, 1).values, rtol=0, atol=0, equal_nan=True)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -51,7 +52,7 @@ def topk_kernels(rows: int, k: int) -> dict[str, Callable]:
     its indexer (cooperative for <= 32 rows, persistent otherwise)."""
     import vllm._custom_ops  # noqa: F401  (loads torch.ops._C)
 
-    ws = torch.empty(VLLM_WORKSPACE_BYTES, dtype=torch.uint8, device="cuda")
+    ws = torch.zeros(VLLM_WORKSPACE_BYTES, dtype=torch.uint8, device="cuda")
 
     def cooperative(x, lens, out):
         torch.ops._C.cooperative_topk(x, lens, out, ws, k, x.shape[1])
@@ -119,10 +120,13 @@ def environment() -> dict:
         except metadata.PackageNotFoundError:
             return None
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = None
+    # The device host receives a copy of the work tree without .git: VBS_COMMIT names it.
+    commit = os.environ.get("VBS_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        except OSError:
+            commit = None
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "gpu": torch.cuda.get_device_name(0),

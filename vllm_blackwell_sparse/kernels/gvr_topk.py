@@ -109,33 +109,20 @@ def _kernel_module():
             return total
 
         @cute.jit
-        def block_min_u32(self, val, sRedU, tidx):
+        def block_extreme_u32(self, val, sRedU, tidx, take_max: cutlass.Constexpr):
+            """Block-wide max (take_max) or min of a Uint32."""
+            pick = cutlass.max if const_expr(take_max) else cutlass.min
             lane, warp = tidx % 32, tidx // 32
             v = val
             for i in cutlass.range_constexpr(5):
-                v = cutlass.min(v, cute.arch.shuffle_sync_bfly(v, offset=1 << i))
+                v = pick(v, cute.arch.shuffle_sync_bfly(v, offset=1 << i))
             cute.arch.barrier()
             if lane == 0:
                 sRedU[warp] = v
             cute.arch.barrier()
             m = sRedU[0]
             for w in cutlass.range_constexpr(1, NUM_WARPS):
-                m = cutlass.min(m, sRedU[w])
-            return m
-
-        @cute.jit
-        def block_max_u32(self, val, sRedU, tidx):
-            lane, warp = tidx % 32, tidx // 32
-            v = val
-            for i in cutlass.range_constexpr(5):
-                v = cutlass.max(v, cute.arch.shuffle_sync_bfly(v, offset=1 << i))
-            cute.arch.barrier()
-            if lane == 0:
-                sRedU[warp] = v
-            cute.arch.barrier()
-            m = sRedU[0]
-            for w in cutlass.range_constexpr(1, NUM_WARPS):
-                m = cutlass.max(m, sRedU[w])
+                m = pick(m, sRedU[w])
             return m
 
         @cute.jit
@@ -205,8 +192,8 @@ def _kernel_module():
                 lo = Uint32(0)
                 shift = Int32(24)
                 if nvalid > 0:
-                    lo = self.block_min_u32(hmin, sRedU, tidx)
-                    hi = self.block_max_u32(hmax, sRedU, tidx)
+                    lo = self.block_extreme_u32(hmin, sRedU, tidx, False)
+                    hi = self.block_extreme_u32(hmax, sRedU, tidx, True)
                     # Bins are aligned to 1 << shift, so each bin is a range of keys that
                     # share their high bits (what the radix refine needs).
                     shift = Int32(0)

@@ -47,6 +47,9 @@ NUM_THREADS = 512
 NUM_WARPS = NUM_THREADS // 32
 BINS = 256
 CAP_FACTOR = 3
+# Columns each lane loads before using any of them (32 * LOADS_IN_FLIGHT per warp): the
+# row scans are latency-bound unless many independent loads are outstanding.
+LOADS_IN_FLIGHT = 16
 SUPPORTED_K = (512, 1024, 2048)
 MAX_COLS = 1 << 24  # column indices and counts stay far inside int32
 
@@ -68,6 +71,15 @@ def _kernel_module():
         key = Uint32(cutlass.select_((u & Uint32(0x80000000)) != Uint32(0), ~u, u | Uint32(0x80000000)))
         key = Uint32(cutlass.select_(mag == Uint32(0), Uint32(0x80000000), key))  # -0 == +0
         return Uint32(cutlass.select_(mag > Uint32(0x7F800000), Uint32(0xFFFFFFFF), key))  # every NaN on top
+
+    def load_keys(mBits, row, first_col, col_end):
+        """Keys of columns ``first_col + 32 u`` (u < LOADS_IN_FLIGHT) and whether each is
+        ``< col_end``. Loads are clamped to ``col_end - 1`` instead of branched around,
+        so all of them are issued before the first is used."""
+        last = col_end - 1
+        cols = [first_col + 32 * u for u in range(LOADS_IN_FLIGHT)]
+        raw = [mBits[row, cutlass.min(c, last)] for c in cols]
+        return [ordered_key(r) for r in raw], [c < col_end for c in cols], cols
 
     @cute.jit
     def warp_inclusive_scan(val, lane):
@@ -181,10 +193,12 @@ def _kernel_module():
                     if const_expr(self.use_row_slot):
                         slot = mRowSlot[row]
                     if slot >= 0:
-                        for j in cutlass.range(tidx, k, NUM_THREADS):
-                            c = mHint[slot, j]
-                            if c >= 0 and c < length:
-                                key = ordered_key(mBits[row, c])
+                        # k / NUM_THREADS hinted columns per thread, all loads issued first.
+                        cols = [mHint[slot, tidx + u * NUM_THREADS] for u in range(k // NUM_THREADS)]
+                        raw = [mBits[row, cutlass.max(cutlass.min(c, length - 1), Int32(0))] for c in cols]
+                        for u in cutlass.range_constexpr(k // NUM_THREADS):
+                            if cols[u] >= 0 and cols[u] < length:
+                                key = ordered_key(raw[u])
                                 hmin = cutlass.min(hmin, key)
                                 hmax = cutlass.max(hmax, key)
                                 nvalid += 1
@@ -214,14 +228,16 @@ def _kernel_module():
                         sHist[b, warp] = 0
                     cute.arch.barrier()
                     above = Int32(0)
-                    for c in cutlass.range(seg_lo + lane, seg_hi, 32, unroll=8):
-                        key = ordered_key(mBits[row, c])
-                        if key >= lo:
-                            b = (key - lo) >> Uint32(shift)
-                            if b >= Uint32(BINS):
-                                above += 1
-                            else:
-                                cute.arch.atomic_add(sHist.iterator + (Int32(b) + warp * BINS), Int32(1))
+                    for base in cutlass.range(seg_lo, seg_hi, 32 * LOADS_IN_FLIGHT):
+                        keys, valid, _ = load_keys(mBits, row, base + lane, seg_hi)
+                        for u in cutlass.range_constexpr(LOADS_IN_FLIGHT):
+                            key = keys[u]
+                            if valid[u] and key >= lo:
+                                b = (key - lo) >> Uint32(shift)
+                                if b >= Uint32(BINS):
+                                    above += 1
+                                else:
+                                    cute.arch.atomic_add(sHist.iterator + (Int32(b) + warp * BINS), Int32(1))
                     above_w = cute.arch.warp_reduction_sum(above)
                     if lane == 0:
                         sWarp[warp] = above_w
@@ -297,40 +313,36 @@ def _kernel_module():
                     need_ties = k - count_gt_bin
                     out_gt = base_w - tie_base_w  # keys > K* before this warp
                     tie_rank = tie_base_w
-                    for c0 in cutlass.range(seg_lo, seg_hi, 32):
-                        c = c0 + lane
-                        is_gt = Int32(0)
-                        is_eq = Int32(0)
-                        if c < seg_hi:
-                            key = ordered_key(mBits[row, c])
-                            is_gt = Int32(key > thresh)
-                            is_eq = Int32(key == thresh)
-                        inc_gt = warp_inclusive_scan(is_gt, lane)
-                        inc_eq = warp_inclusive_scan(is_eq, lane)
-                        if is_gt == 1:
-                            mOut[row, out_gt + inc_gt - 1] = c
-                        r = tie_rank + inc_eq - 1
-                        if is_eq == 1 and r < need_ties:
-                            mOut[row, count_gt_bin + r] = c
-                        out_gt += cute.arch.shuffle_sync(inc_gt, 31)
-                        tie_rank += cute.arch.shuffle_sync(inc_eq, 31)
+                    for base in cutlass.range(seg_lo, seg_hi, 32 * LOADS_IN_FLIGHT):
+                        keys, valid, cols = load_keys(mBits, row, base + lane, seg_hi)
+                        for u in cutlass.range_constexpr(LOADS_IN_FLIGHT):
+                            c = cols[u]
+                            is_gt = Int32(valid[u] and keys[u] > thresh)
+                            is_eq = Int32(valid[u] and keys[u] == thresh)
+                            inc_gt = warp_inclusive_scan(is_gt, lane)
+                            inc_eq = warp_inclusive_scan(is_eq, lane)
+                            if is_gt == 1:
+                                mOut[row, out_gt + inc_gt - 1] = c
+                            r = tie_rank + inc_eq - 1
+                            if is_eq == 1 and r < need_ties:
+                                mOut[row, count_gt_bin + r] = c
+                            out_gt += cute.arch.shuffle_sync(inc_gt, 31)
+                            tie_rank += cute.arch.shuffle_sync(inc_eq, 31)
                 else:
                     # ---- 3. collect survivors (key >= thresh) in column order ----
                     pos = base_w
-                    for c0 in cutlass.range(seg_lo, seg_hi, 32):
-                        c = c0 + lane
-                        key = Uint32(0)
-                        keep = Int32(0)
-                        if c < seg_hi:
-                            key = ordered_key(mBits[row, c])
-                            keep = Int32(key >= thresh)
-                        # Most 32-column chunks hold no survivor: skip their scan.
-                        if cute.arch.vote_any_sync(keep == 1):
-                            inc = warp_inclusive_scan(keep, lane)
-                            if keep == 1:
-                                sCandKey[pos + inc - 1] = key
-                                sCandIdx[pos + inc - 1] = c
-                            pos += cute.arch.shuffle_sync(inc, 31)
+                    for base in cutlass.range(seg_lo, seg_hi, 32 * LOADS_IN_FLIGHT):
+                        keys, valid, cols = load_keys(mBits, row, base + lane, seg_hi)
+                        for u in cutlass.range_constexpr(LOADS_IN_FLIGHT):
+                            key = keys[u]
+                            keep = Int32(valid[u] and key >= thresh)
+                            # Most 32-column chunks hold no survivor: skip their scan.
+                            if cute.arch.vote_any_sync(keep == 1):
+                                inc = warp_inclusive_scan(keep, lane)
+                                if keep == 1:
+                                    sCandKey[pos + inc - 1] = key
+                                    sCandIdx[pos + inc - 1] = cols[u]
+                                pos += cute.arch.shuffle_sync(inc, 31)
                     cute.arch.barrier()
                     n_cand = count_ge
 

@@ -155,6 +155,27 @@ def _kernel_module():
                 total += s
             return base + inc - val, total
 
+        @cute.jit
+        def find_crossing_bin(self, sCounts, base_count, target, sRed, sPick, tidx):
+            """Highest bin b with ``base_count + sum(sCounts[b:]) >= target`` (sCounts has
+            BINS entries; 0-padded). Writes sPick[0] = b (-1 if none), sPick[1] = that
+            count, sPick[2] = the count above bin b. All threads must call it."""
+            if tidx == 0:
+                sPick[0] = Int32(-1)
+            # Thread t holds bin BINS-1-t: an inclusive scan over threads is a suffix sum over bins.
+            v = Int32(0)
+            if tidx < BINS:
+                v = sCounts[BINS - 1 - tidx]
+            excl, _ = self.block_exclusive_scan(v, sRed, tidx)
+            at_or_above = base_count + excl + v
+            above = base_count + excl
+            if tidx < BINS:
+                if at_or_above >= target and above < target:
+                    sPick[0] = Int32(BINS - 1 - tidx)
+                    sPick[1] = at_or_above
+                    sPick[2] = above
+            cute.arch.barrier()
+
         # --- the kernel -----------------------------------------------------------------
 
         @cute.kernel
@@ -249,30 +270,11 @@ def _kernel_module():
                         for w in cutlass.range_constexpr(NUM_WARPS):
                             tot += sHist[tidx, w]
                         sSuffix[tidx] = tot
-                    if tidx == 0:
-                        a = Int32(0)
-                        for w in cutlass.range_constexpr(NUM_WARPS):
-                            a += sWarp[w]
-                        sSuffix[BINS] = a
+                    above_all = Int32(0)
+                    for w in cutlass.range_constexpr(NUM_WARPS):
+                        above_all += sWarp[w]
                     cute.arch.barrier()
-                    if tidx == 0:
-                        run = sSuffix[BINS]
-                        best = Int32(-1)
-                        best_count = Int32(0)
-                        above_best = Int32(0)
-                        b = Int32(BINS - 1)
-                        while b >= 0 and best < 0:
-                            nxt = run + sSuffix[b]
-                            if nxt >= k:
-                                best = b
-                                best_count = nxt
-                                above_best = run
-                            run = nxt
-                            b -= 1
-                        sPick[0] = best
-                        sPick[1] = best_count
-                        sPick[2] = above_best
-                    cute.arch.barrier()
+                    self.find_crossing_bin(sSuffix, above_all, k, sRed, sPick, tidx)
                     best = sPick[0]
                     best_count = sPick[1]
                     if best < 0:
@@ -363,21 +365,9 @@ def _kernel_module():
                                 d = Int32((key >> Uint32(d_shift)) & Uint32(nb - 1))
                                 cute.arch.atomic_add(sSuffix.iterator + d, Int32(1))
                         cute.arch.barrier()
-                        if tidx == 0:
-                            run = Int32(0)
-                            d = nb - 1
-                            found = Int32(-1)
-                            while d >= 0 and found < 0:
-                                h = sSuffix[d]
-                                if run + h >= need:
-                                    found = d
-                                    sPick[3] = need - run
-                                run += h
-                                d -= 1
-                            sPick[0] = found
-                        cute.arch.barrier()
+                        self.find_crossing_bin(sSuffix, Int32(0), need, sRed, sPick, tidx)
                         prefix = prefix | (Uint32(sPick[0]) << Uint32(d_shift))
-                        need = sPick[3]
+                        need = need - sPick[2]  # rank inside the chosen digit
                         s = d_shift
                         cute.arch.barrier()
                     kstar = prefix

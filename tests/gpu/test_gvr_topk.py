@@ -112,3 +112,13 @@ def test_bad_arguments_raise_clear_errors():
         gvr_topk(x, lens.long(), 512)
     with pytest.raises(ValueError, match="row_slot"):
         gvr_topk(x, lens, 512, hint_table=torch.zeros(1, 512, dtype=torch.int32, device="cuda"))
+
+
+def test_hint_at_the_smallest_values_still_exact():
+    """A hint whose window lies below k larger keys (a badly stale hint) must fall back."""
+    k, rows, n = 1024, 32, 30000
+    logits = torch.randn(rows, n, device="cuda")
+    lens = torch.full((rows,), n, dtype=torch.int32, device="cuda")
+    worst = torch.topk(-logits, k, dim=1).indices.int()  # the k smallest values of each row
+    out = gvr_topk(logits, lens, k, hint=worst)
+    check_rows(logits, lens, k, out)

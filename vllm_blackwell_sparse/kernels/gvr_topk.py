@@ -405,17 +405,20 @@ def _arch() -> str:
     return f"sm_{major}{minor}a"
 
 
-def compile_gvr_topk(k: int, *, has_hint: bool, use_row_slot: bool, arch: str | None = None, fake: bool = False):
-    """Compile (cached) the kernel for ``k``; ``fake=True`` compiles against fake tensors
-    (no GPU needed; set ``CUTE_DSL_ARCH`` to pick sm_90a or sm_100a)."""
+def compile_gvr_topk(k: int, *, has_hint: bool, use_row_slot: bool):
+    """Compile (once per variant and target arch) the kernel for ``k``.
+
+    Compilation uses fake tensors with symbolic rows / columns / row stride, so one
+    compiled kernel serves every shape and no GPU is needed to build it: the target is
+    ``CUTE_DSL_ARCH`` when set (``sm_90a`` or ``sm_100a``), else the current GPU's.
+    """
     import cutlass
     import cutlass.cute as cute
     from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream, make_fake_tensor
 
     if k not in SUPPORTED_K:
         raise ValueError(f"k must be one of {SUPPORTED_K}, got {k}")
-    arch = arch or _arch()
-    key = (k, has_hint, use_row_slot, arch, fake)
+    key = (k, has_hint, use_row_slot, _arch())
     if key in _COMPILED:
         return _COMPILED[key]
     op = _kernel_module()(k, has_hint, use_row_slot)

@@ -196,7 +196,7 @@ def markdown_table(result: dict, l2: str = "hot") -> str:
     rows = result["results"]
     names = list(dict.fromkeys(r["kernel"] for r in rows))
     by = {(r["batch"], r["n"], r["kernel"]): r for r in rows}
-    head = f"| B | N | overlap | " + " | ".join(names) + " |"
+    head = "| B | N | overlap | " + " | ".join(names) + " |"
     lines = [head, "|" + "---|" * (3 + len(names))]
     for b, n in dict.fromkeys((r["batch"], r["n"]) for r in rows):
         cells = []

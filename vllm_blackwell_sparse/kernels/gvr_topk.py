@@ -17,8 +17,9 @@ Work on the 32-bit *ordered key* of each value (unsigned integer order = value o
    The bins give ``count(key >= boundary)`` for 257 thresholds at once; the chosen
    threshold ``T`` is the highest bin boundary with ``count >= k``. If that count
    exceeds the candidate capacity the window narrows to that bin (``shift -= 8``)
-   and the pass repeats; if the window holds fewer than ``k`` keys it widens to the
-   whole range. At most 5 passes; a good hint needs one.
+   and the pass repeats; if no bin boundary crosses ``k`` (fewer than ``k`` keys at
+   or above the window, or ``k`` above it: a misleading hint) it widens to the whole
+   range. At most 5 passes; a good hint needs one.
 3. **Collect** the survivors ``key >= T`` into shared memory. Each warp owns a
    contiguous segment of the row, so its survivor count is known from its own
    histogram: warp offsets are an exclusive scan of those counts and, inside a warp,
@@ -38,7 +39,6 @@ captured in a CUDA graph.
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch

@@ -28,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     topk.add_argument("--iters", type=int, default=50)
     topk.add_argument("--warmup", type=int, default=10)
     topk.add_argument("--kernels", type=lambda s: s.split(","), default=None, help="subset, comma-separated")
+    topk.add_argument(
+        "--gvr-configs", type=lambda s: tuple(tuple(int(v) for v in c.split("x")) for c in s.split(",")),
+        default=((512, 16),), help="GVR tunings THREADSxLOADS, comma-separated; the first is unsuffixed",
+    )
     topk.add_argument("--out", default="benchmarks/results/topk.json")
     args = parser.parse_args(argv)
 

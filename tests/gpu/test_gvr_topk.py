@@ -122,3 +122,16 @@ def test_hint_at_the_smallest_values_still_exact():
     worst = torch.topk(-logits, k, dim=1).indices.int()  # the k smallest values of each row
     out = gvr_topk(logits, lens, k, hint=worst)
     check_rows(logits, lens, k, out)
+
+
+@pytest.mark.parametrize("threads, loads", [(256, 32), (1024, 16), (1024, 8), (512, 32)])
+def test_tunings_are_exact(threads, loads):
+    seed = random.randrange(1 << 30)
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    for k, rows, n in ((512, 300, 5000), (2048, 64, 70000), (1024, 8, 1100)):
+        logits = torch.randn(rows, n, generator=g, device="cuda")
+        lens = torch.randint(n // 2, n + 1, (rows,), generator=g, device="cuda", dtype=torch.int32)
+        hint = torch.topk(logits + 0.4 * torch.randn(rows, n, generator=g, device="cuda"), k, dim=1).indices.int()
+        for h in (hint, None):
+            out = gvr_topk(logits, lens, k, hint=h, threads=threads, loads_in_flight=loads)
+            check_rows(logits, lens, k, out)

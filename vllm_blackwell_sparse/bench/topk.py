@@ -33,18 +33,22 @@ FLUSH_BYTES = 256 * 1024 * 1024
 SPIN_CYCLES = 200_000  # ~100 µs at the H200's clock
 
 
-def gvr_kernels(k: int, true_hint: torch.Tensor, n: int) -> dict[str, Callable]:
-    """Our GVR kernel with the previous step's top-k, a random hint, and no hint."""
+def gvr_kernels(k: int, true_hint: torch.Tensor, n: int, configs=((512, 16),)) -> dict[str, Callable]:
+    """Our GVR kernel with the previous step's top-k, a random hint, and no hint, for
+    each (threads, loads_in_flight) config; the first config's names carry no suffix."""
     from vllm_blackwell_sparse.kernels.gvr_topk import gvr_topk
 
     rows = true_hint.shape[0]
     random_hint = torch.randint(0, n, (rows, k), dtype=torch.int32, device=true_hint.device)
     true_hint = true_hint.int().contiguous()
-    return {
-        "gvr_true_hint": lambda x, lens, out: gvr_topk(x, lens, k, hint=true_hint, out=out),
-        "gvr_random_hint": lambda x, lens, out: gvr_topk(x, lens, k, hint=random_hint, out=out),
-        "gvr_no_hint": lambda x, lens, out: gvr_topk(x, lens, k, out=out),
-    }
+    kernels = {}
+    for i, (threads, loads) in enumerate(configs):
+        sfx = "" if i == 0 else f"@{threads}x{loads}"
+        tune = dict(threads=threads, loads_in_flight=loads)
+        kernels["gvr_true_hint" + sfx] = lambda x, lens, out, t=tune: gvr_topk(x, lens, k, hint=true_hint, out=out, **t)
+        kernels["gvr_random_hint" + sfx] = lambda x, lens, out, t=tune: gvr_topk(x, lens, k, hint=random_hint, out=out, **t)
+        kernels["gvr_no_hint" + sfx] = lambda x, lens, out, t=tune: gvr_topk(x, lens, k, out=out, **t)
+    return kernels
 
 
 def topk_kernels(rows: int, k: int) -> dict[str, Callable]:
@@ -150,6 +154,7 @@ def run_topk_bench(
     warmup: int = 10,
     kernels: list[str] | None = None,
     with_gvr: bool = True,
+    gvr_configs=((512, 16),),
 ) -> dict:
     if not torch.cuda.is_available():
         raise RuntimeError("vbs bench topk needs a CUDA GPU")
@@ -167,7 +172,7 @@ def run_topk_bench(
             cur_topk = torch.topk(src, k, dim=1).indices
             overlap = topk_overlap(prev_topk, cur_topk)
             x = torch.empty_like(src)
-            candidates = dict(gvr_kernels(k, prev_topk, n)) if with_gvr else {}
+            candidates = dict(gvr_kernels(k, prev_topk, n, gvr_configs)) if with_gvr else {}
             candidates.update(topk_kernels(b, k))
             for name, fn in candidates.items():
                 if kernels and name not in kernels:
@@ -185,7 +190,7 @@ def run_topk_bench(
     return {
         "benchmark": "topk",
         "environment": environment(),
-        "params": {"k": k, "preset": preset, "trace": asdict(params), "iters": iters, "warmup": warmup,
+        "params": {"k": k, "preset": preset, "gvr_configs": [list(c) for c in gvr_configs], "trace": asdict(params), "iters": iters, "warmup": warmup,
                    "l2_modes": list(l2_modes), "timing": "CUDA events, median µs, kernel alone"},
         "results": rows_out,
     }
@@ -214,7 +219,7 @@ def main(args) -> int:
         return 2
     result = run_topk_bench(
         batches=args.batches, ns=args.ns, k=args.k, l2_modes=args.l2, preset=args.preset, iters=args.iters,
-        warmup=args.warmup, kernels=args.kernels,
+        warmup=args.warmup, kernels=args.kernels, gvr_configs=args.gvr_configs,
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

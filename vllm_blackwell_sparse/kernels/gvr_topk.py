@@ -1,6 +1,6 @@
 """GVR (Guess-Verify-Refine) exact top-k for the DSA decode indexer, in CuTe DSL.
 
-One CTA (512 threads, 16 warps) per logits row. Semantics are those of
+One CTA (512 threads by default) per logits row. Semantics are those of
 ``reference/topk.py``: an unordered set of ``k`` column indices per row (``-1``
 padded when the row is shorter), values ordered ``NaN > +inf > ... > -inf`` with
 ``-0 == +0``, ties at the cutoff won by lower column indices.
@@ -32,7 +32,7 @@ Work on the 32-bit *ordered key* of each value (unsigned integer order = value o
    is emitted directly from global memory, so tie blocks larger than the capacity
    cost no shared memory.
 
-Shared memory: 16 KiB of histograms + 8 bytes per candidate (capacity ``3 k``).
+Shared memory: 1 KiB of histogram per warp + 8 bytes per candidate (capacity ``3 k``).
 The kernel does not synchronise with the host and allocates nothing: it can be
 captured in a CUDA graph.
 """
@@ -43,13 +43,12 @@ import os
 
 import torch
 
-NUM_THREADS = 512
-NUM_WARPS = NUM_THREADS // 32
+DEFAULT_THREADS = 512  # per CTA (one CTA per row); at least BINS
 BINS = 256
 CAP_FACTOR = 3
-# Columns each lane loads before using any of them (32 * LOADS_IN_FLIGHT per warp): the
+# Columns each lane loads before using any of them (32 * loads_in_flight per warp): the
 # row scans are latency-bound unless many independent loads are outstanding.
-LOADS_IN_FLIGHT = 16
+DEFAULT_LOADS_IN_FLIGHT = 16
 SUPPORTED_K = (512, 1024, 2048)
 MAX_COLS = 1 << 24  # column indices and counts stay far inside int32
 
@@ -72,12 +71,12 @@ def _kernel_module():
         key = Uint32(cutlass.select_(mag == Uint32(0), Uint32(0x80000000), key))  # -0 == +0
         return Uint32(cutlass.select_(mag > Uint32(0x7F800000), Uint32(0xFFFFFFFF), key))  # every NaN on top
 
-    def load_keys(mBits, row, first_col, col_end):
-        """Keys of columns ``first_col + 32 u`` (u < LOADS_IN_FLIGHT) and whether each is
+    def load_keys(mBits, row, first_col, col_end, loads):
+        """Keys of columns ``first_col + 32 u`` (u < loads) and whether each is
         ``< col_end``. Loads are clamped to ``col_end - 1`` instead of branched around,
         so all of them are issued before the first is used."""
         last = col_end - 1
-        cols = [first_col + 32 * u for u in range(LOADS_IN_FLIGHT)]
+        cols = [first_col + 32 * u for u in range(loads)]
         raw = [mBits[row, cutlass.min(c, last)] for c in cols]
         return [ordered_key(r) for r in raw], [c < col_end for c in cols], cols
 
@@ -93,8 +92,11 @@ def _kernel_module():
     class GvrTopKSm90:
         """One CTA per row; see the module docstring. Also compiles for sm_100a."""
 
-        def __init__(self, k: int, has_hint: bool, use_row_slot: bool):
+        def __init__(self, k: int, has_hint: bool, use_row_slot: bool, threads: int, loads: int):
             self.k = k
+            self.threads = threads
+            self.warps = threads // 32
+            self.loads = loads
             self.cap = CAP_FACTOR * k
             self.has_hint = has_hint
             self.use_row_slot = use_row_slot
@@ -102,7 +104,7 @@ def _kernel_module():
         @cute.jit
         def __call__(self, mBits, mLens, mHint, mRowSlot, mOut, stream):
             self.kernel(mBits, mLens, mHint, mRowSlot, mOut).launch(
-                grid=[mOut.shape[0], 1, 1], block=[NUM_THREADS, 1, 1], stream=stream
+                grid=[mOut.shape[0], 1, 1], block=[self.threads, 1, 1], stream=stream
             )
 
         # --- block-wide helpers (every thread must call them) -------------------------
@@ -116,7 +118,7 @@ def _kernel_module():
                 sRed[warp] = v
             cute.arch.barrier()
             total = Int32(0)
-            for w in cutlass.range_constexpr(NUM_WARPS):
+            for w in cutlass.range_constexpr(self.warps):
                 total += sRed[w]
             return total
 
@@ -133,7 +135,7 @@ def _kernel_module():
                 sRedU[warp] = v
             cute.arch.barrier()
             m = sRedU[0]
-            for w in cutlass.range_constexpr(1, NUM_WARPS):
+            for w in cutlass.range_constexpr(1, self.warps):
                 m = pick(m, sRedU[w])
             return m
 
@@ -148,7 +150,7 @@ def _kernel_module():
             cute.arch.barrier()
             base = Int32(0)
             total = Int32(0)
-            for w in cutlass.range_constexpr(NUM_WARPS):
+            for w in cutlass.range_constexpr(self.warps):
                 s = sRed[w]
                 if w < warp:
                     base += s
@@ -187,13 +189,13 @@ def _kernel_module():
             cap = self.cap
 
             smem = cutlass.utils.SmemAllocator()
-            sHist = smem.allocate_tensor(Int32, cute.make_layout((BINS, NUM_WARPS), stride=(1, BINS)), 16)
+            sHist = smem.allocate_tensor(Int32, cute.make_layout((BINS, self.warps), stride=(1, BINS)), 16)
             sCandKey = smem.allocate_tensor(Uint32, cute.make_layout(cap), 16)
             sCandIdx = smem.allocate_tensor(Int32, cute.make_layout(cap), 16)
-            sRed = smem.allocate_tensor(Int32, cute.make_layout(NUM_WARPS), 16)
-            sRedU = smem.allocate_tensor(Uint32, cute.make_layout(NUM_WARPS), 16)
-            sWarp = smem.allocate_tensor(Int32, cute.make_layout(NUM_WARPS), 16)  # per-warp counts / bases
-            sWarpTie = smem.allocate_tensor(Int32, cute.make_layout(NUM_WARPS), 16)
+            sRed = smem.allocate_tensor(Int32, cute.make_layout(self.warps), 16)
+            sRedU = smem.allocate_tensor(Uint32, cute.make_layout(self.warps), 16)
+            sWarp = smem.allocate_tensor(Int32, cute.make_layout(self.warps), 16)  # per-warp counts / bases
+            sWarpTie = smem.allocate_tensor(Int32, cute.make_layout(self.warps), 16)
             sSuffix = smem.allocate_tensor(Int32, cute.make_layout(BINS + 1), 16)  # count(key >= bin b)
             sPick = smem.allocate_tensor(Int32, cute.make_layout(4), 16)
 
@@ -202,7 +204,7 @@ def _kernel_module():
 
             if length <= k:
                 # Every valid column, then -1.
-                for j in cutlass.range(tidx, k, NUM_THREADS):
+                for j in cutlass.range(tidx, k, self.threads):
                     mOut[row, j] = Int32(cutlass.select_(j < length, j, Int32(-1)))
             else:
                 # ---- 1. guess: a key window from the hinted columns ----
@@ -214,11 +216,13 @@ def _kernel_module():
                     if const_expr(self.use_row_slot):
                         slot = mRowSlot[row]
                     if slot >= 0:
-                        # k / NUM_THREADS hinted columns per thread, all loads issued first.
-                        cols = [mHint[slot, tidx + u * NUM_THREADS] for u in range(k // NUM_THREADS)]
+                        # ceil(k / threads) hinted columns per thread, all loads issued first.
+                        per = -(-k // self.threads)
+                        js = [tidx + u * self.threads for u in range(per)]
+                        cols = [mHint[slot, cutlass.min(j, Int32(k - 1))] for j in js]
                         raw = [mBits[row, cutlass.max(cutlass.min(c, length - 1), Int32(0))] for c in cols]
-                        for u in cutlass.range_constexpr(k // NUM_THREADS):
-                            if cols[u] >= 0 and cols[u] < length:
+                        for u in cutlass.range_constexpr(per):
+                            if js[u] < k and cols[u] >= 0 and cols[u] < length:
                                 key = ordered_key(raw[u])
                                 hmin = cutlass.min(hmin, key)
                                 hmax = cutlass.max(hmax, key)
@@ -237,7 +241,7 @@ def _kernel_module():
                     lo = (lo >> Uint32(shift)) << Uint32(shift)
 
                 # Each warp owns columns [seg_lo, seg_hi): a multiple of 32 long.
-                seg = ((length + NUM_WARPS * 32 - 1) // (NUM_WARPS * 32)) * 32
+                seg = ((length + self.warps * 32 - 1) // (self.warps * 32)) * 32
                 seg_lo = warp * seg
                 seg_hi = cutlass.min(seg_lo + seg, length)
 
@@ -249,9 +253,9 @@ def _kernel_module():
                         sHist[b, warp] = 0
                     cute.arch.barrier()
                     above = Int32(0)
-                    for base in cutlass.range(seg_lo, seg_hi, 32 * LOADS_IN_FLIGHT):
-                        keys, valid, _ = load_keys(mBits, row, base + lane, seg_hi)
-                        for u in cutlass.range_constexpr(LOADS_IN_FLIGHT):
+                    for base in cutlass.range(seg_lo, seg_hi, 32 * self.loads):
+                        keys, valid, _ = load_keys(mBits, row, base + lane, seg_hi, self.loads)
+                        for u in cutlass.range_constexpr(self.loads):
                             key = keys[u]
                             if valid[u] and key >= lo:
                                 b = (key - lo) >> Uint32(shift)
@@ -267,11 +271,11 @@ def _kernel_module():
                     # the highest boundary with count >= k.
                     if tidx < BINS:
                         tot = Int32(0)
-                        for w in cutlass.range_constexpr(NUM_WARPS):
+                        for w in cutlass.range_constexpr(self.warps):
                             tot += sHist[tidx, w]
                         sSuffix[tidx] = tot
                     above_all = Int32(0)
-                    for w in cutlass.range_constexpr(NUM_WARPS):
+                    for w in cutlass.range_constexpr(self.warps):
                         above_all += sWarp[w]
                     cute.arch.barrier()
                     self.find_crossing_bin(sSuffix, above_all, k, sRed, sPick, tidx)
@@ -305,7 +309,7 @@ def _kernel_module():
                 cute.arch.barrier()
                 base_w = Int32(0)
                 tie_base_w = Int32(0)
-                for w in cutlass.range_constexpr(NUM_WARPS):
+                for w in cutlass.range_constexpr(self.warps):
                     if w < warp:
                         base_w += sWarp[w]
                         tie_base_w += sWarpTie[w]
@@ -315,9 +319,9 @@ def _kernel_module():
                     need_ties = k - count_gt_bin
                     out_gt = base_w - tie_base_w  # keys > K* before this warp
                     tie_rank = tie_base_w
-                    for base in cutlass.range(seg_lo, seg_hi, 32 * LOADS_IN_FLIGHT):
-                        keys, valid, cols = load_keys(mBits, row, base + lane, seg_hi)
-                        for u in cutlass.range_constexpr(LOADS_IN_FLIGHT):
+                    for base in cutlass.range(seg_lo, seg_hi, 32 * self.loads):
+                        keys, valid, cols = load_keys(mBits, row, base + lane, seg_hi, self.loads)
+                        for u in cutlass.range_constexpr(self.loads):
                             c = cols[u]
                             is_gt = Int32(valid[u] and keys[u] > thresh)
                             is_eq = Int32(valid[u] and keys[u] == thresh)
@@ -333,9 +337,9 @@ def _kernel_module():
                 else:
                     # ---- 3. collect survivors (key >= thresh) in column order ----
                     pos = base_w
-                    for base in cutlass.range(seg_lo, seg_hi, 32 * LOADS_IN_FLIGHT):
-                        keys, valid, cols = load_keys(mBits, row, base + lane, seg_hi)
-                        for u in cutlass.range_constexpr(LOADS_IN_FLIGHT):
+                    for base in cutlass.range(seg_lo, seg_hi, 32 * self.loads):
+                        keys, valid, cols = load_keys(mBits, row, base + lane, seg_hi, self.loads)
+                        for u in cutlass.range_constexpr(self.loads):
                             key = keys[u]
                             keep = Int32(valid[u] and key >= thresh)
                             # Most 32-column chunks hold no survivor: skip their scan.
@@ -356,10 +360,10 @@ def _kernel_module():
                         d_shift = cutlass.max(s - 8, Int32(0))
                         width = s - d_shift
                         nb = Int32(1) << width
-                        for b in cutlass.range(tidx, BINS, NUM_THREADS):
+                        for b in cutlass.range(tidx, BINS, self.threads):
                             sSuffix[b] = 0
                         cute.arch.barrier()
-                        for i in cutlass.range(tidx, n_cand, NUM_THREADS):
+                        for i in cutlass.range(tidx, n_cand, self.threads):
                             key = sCandKey[i]
                             if (key >> Uint32(s)) == (prefix >> Uint32(s)):
                                 d = Int32((key >> Uint32(d_shift)) & Uint32(nb - 1))
@@ -373,7 +377,7 @@ def _kernel_module():
                     kstar = prefix
                     need_ties = need
                     # ---- emit: survivors > K*, then the first need_ties equal to K* ----
-                    per = (n_cand + NUM_THREADS - 1) // NUM_THREADS
+                    per = (n_cand + self.threads - 1) // self.threads
                     i0 = tidx * per
                     i1 = cutlass.min(i0 + per, n_cand)
                     n_gt = Int32(0)
@@ -405,7 +409,14 @@ def _arch() -> str:
     return f"sm_{major}{minor}a"
 
 
-def compile_gvr_topk(k: int, *, has_hint: bool, use_row_slot: bool):
+def compile_gvr_topk(
+    k: int,
+    *,
+    has_hint: bool,
+    use_row_slot: bool,
+    threads: int = DEFAULT_THREADS,
+    loads_in_flight: int = DEFAULT_LOADS_IN_FLIGHT,
+):
     """Compile (once per variant and target arch) the kernel for ``k``.
 
     Compilation uses fake tensors with symbolic rows / columns / row stride, so one
@@ -418,10 +429,12 @@ def compile_gvr_topk(k: int, *, has_hint: bool, use_row_slot: bool):
 
     if k not in SUPPORTED_K:
         raise ValueError(f"k must be one of {SUPPORTED_K}, got {k}")
-    key = (k, has_hint, use_row_slot, _arch())
+    if threads not in (256, 512, 1024) or loads_in_flight not in (4, 8, 16, 32):
+        raise ValueError(f"threads must be 256/512/1024 and loads_in_flight 4/8/16/32, got {threads}, {loads_in_flight}")
+    key = (k, has_hint, use_row_slot, threads, loads_in_flight, _arch())
     if key in _COMPILED:
         return _COMPILED[key]
-    op = _kernel_module()(k, has_hint, use_row_slot)
+    op = _kernel_module()(k, has_hint, use_row_slot, threads, loads_in_flight)
     rows, cols, stride, slots = cute.sym_int(), cute.sym_int(), cute.sym_int(), cute.sym_int()
     bits = make_fake_tensor(cutlass.Int32, (rows, cols), stride=(stride, 1), assumed_align=4)
     lens = make_fake_compact_tensor(cutlass.Int32, (rows,))
@@ -444,6 +457,8 @@ def gvr_topk(
     row_slot: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     workspace: torch.Tensor | None = None,
+    threads: int = DEFAULT_THREADS,
+    loads_in_flight: int = DEFAULT_LOADS_IN_FLIGHT,
 ) -> torch.Tensor:
     """Exact top-k column indices of each fp32 logits row (semantics: ``reference/topk.py``).
 
@@ -453,6 +468,8 @@ def gvr_topk(
     row). Hints only change speed. ``out``: preallocated int32 ``[rows, k]``; with it
     the call allocates nothing and can be captured in a CUDA graph. ``workspace`` is
     accepted for interface compatibility and unused (all scratch is shared memory).
+    ``threads`` (per CTA) and ``loads_in_flight`` (per lane) are tuning knobs; the
+    defaults are what the H200 measurements in docs/BENCHMARKS.md used.
     """
     if logits.dim() != 2 or logits.dtype != torch.float32:
         raise ValueError(f"logits must be a 2-D float32 tensor, got {tuple(logits.shape)} {logits.dtype}")
@@ -487,7 +504,7 @@ def gvr_topk(
         return out
     has_hint = table is not None
     use_row_slot = hint_table is not None
-    fn = compile_gvr_topk(k, has_hint=has_hint, use_row_slot=use_row_slot)
+    fn = compile_gvr_topk(k, has_hint=has_hint, use_row_slot=use_row_slot, threads=threads, loads_in_flight=loads_in_flight)
     # Without a hint (or row_slot) the kernel never reads those arguments; pass
     # well-formed stand-ins so one signature serves every variant.
     fn(

@@ -34,9 +34,10 @@ from vllm_blackwell_sparse.config import ConfigError, load_config, unavailable_f
 
 logger = init_logger(__name__)
 
-# Head sizes FA4's forward takes for d == dv, per architecture family (major capability):
-# sm90 any multiple of 8 up to 256; sm100 its standard range up to 128 (192/128 and
-# 256/256 are MLA / dedicated-kernel shapes this backend does not route).
+# Head sizes for d == dv, per architecture family (major capability): multiples of 8
+# from 32 (FA4 itself accepts 8 and up; 32 is the smallest the GPU tests run) to 256 on
+# sm90 and to 128 on sm100 (its 192/128 and 256/256 are MLA / dedicated-kernel shapes
+# this backend does not route).
 SUPPORTED_HEAD_SIZES = {9: tuple(range(32, 257, 8)), 10: tuple(range(32, 129, 8))}
 # FA4 reads paged KV with TMA when the page equals its KV tile (128 keys for head sizes
 # up to 128) and with a slower cp.async path otherwise (20-30% slower at 16-token pages

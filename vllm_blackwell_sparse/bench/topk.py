@@ -82,16 +82,18 @@ def topk_kernels(rows: int, k: int) -> dict[str, Callable]:
     return kernels
 
 
-def exact_against_torch(x: torch.Tensor, out: torch.Tensor, k: int) -> bool:
-    """Indices valid and unique per row, values equal torch.topk's as multisets."""
+def exact_against_torch(x: torch.Tensor, out: torch.Tensor, k: int, want_sorted: torch.Tensor | None = None) -> bool:
+    """Indices valid and unique per row, values equal torch.topk's as multisets.
+    ``want_sorted``: torch.topk's values of ``x`` sorted per row, if already computed."""
     if bool((out < 0).any()) or bool((out >= x.shape[1]).any()):
         return False
     idx = out.long()
     if bool((torch.sort(idx, 1).values.diff(dim=1) == 0).any()):
         return False
     got = torch.sort(x.gather(1, idx), 1).values
-    want = torch.sort(torch.topk(x, k, dim=1).values, 1).values
-    return bool(torch.equal(got, want))
+    if want_sorted is None:
+        want_sorted = torch.sort(torch.topk(x, k, dim=1).values, 1).values
+    return bool(torch.equal(got, want_sorted))
 
 
 def time_kernel(fn: Callable, x: torch.Tensor, src: torch.Tensor, lens, out, *, l2: str, iters: int, warmup: int) -> float:
@@ -169,8 +171,9 @@ def run_topk_bench(
             src = cur[:b].contiguous()
             lens = torch.full((b, 1), n, dtype=torch.int32, device="cuda")
             prev_topk = torch.topk(prev[:b], k, dim=1).indices
-            cur_topk = torch.topk(src, k, dim=1).indices
-            overlap = topk_overlap(prev_topk, cur_topk)
+            cur_top = torch.topk(src, k, dim=1)
+            overlap = topk_overlap(prev_topk, cur_top.indices)
+            want_sorted = torch.sort(cur_top.values, 1).values  # every kernel is checked against it
             x = torch.empty_like(src)
             candidates = dict(gvr_kernels(k, prev_topk, n, gvr_configs)) if with_gvr else {}
             candidates.update(topk_kernels(b, k))
@@ -182,7 +185,7 @@ def run_topk_bench(
                 fn(x, lens, out)
                 torch.cuda.synchronize()
                 row = {"kernel": name, "batch": b, "n": n, "k": k, "overlap": round(overlap, 4),
-                       "exact": exact_against_torch(src, out, k)}
+                       "exact": exact_against_torch(src, out, k, want_sorted)}
                 for l2 in l2_modes:
                     row[f"us_{l2}"] = round(time_kernel(fn, x, src, lens, out, l2=l2, iters=iters, warmup=warmup), 2)
                 rows_out.append(row)

@@ -11,9 +11,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("doctor", help="GPU, versions, plugin discovery and the kernels available here")
     demo = sub.add_parser("demo", help="offline LLM() on the embedded tiny Llama: our backend vs stock FLASH_ATTN")
-    demo.add_argument("--num-prompts", type=int, default=32)
-    demo.add_argument("--prompt-tokens", type=int, default=1024)
-    demo.add_argument("--max-tokens", type=int, default=128)
+    from vllm_blackwell_sparse.demo import GenerationSpec  # stdlib-only import: cheap
+
+    spec = GenerationSpec()
+    demo.add_argument("--num-prompts", type=int, default=spec.num_prompts)
+    demo.add_argument("--prompt-tokens", type=int, default=spec.prompt_tokens)
+    demo.add_argument("--max-tokens", type=int, default=spec.max_tokens)
     demo.add_argument("--json", dest="json_path", default=None, help="also write the results as JSON here")
     demo.add_argument("--cpu", action="store_true", help="run the CPU demonstration of the oracles even with a GPU")
     bench = sub.add_parser("bench", help="benchmarks (GPU): results as JSON plus a markdown table")

@@ -129,7 +129,16 @@ def token_agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return same / total if total else 1.0
 
 
-def run_demo(*, num_prompts: int = 32, prompt_tokens: int = 1024, max_tokens: int = 128, json_path: str | None = None) -> int:
+_DEFAULT = GenerationSpec()
+
+
+def run_demo(
+    *,
+    num_prompts: int = _DEFAULT.num_prompts,
+    prompt_tokens: int = _DEFAULT.prompt_tokens,
+    max_tokens: int = _DEFAULT.max_tokens,
+    json_path: str | None = None,
+) -> int:
     from vllm_blackwell_sparse.doctor import gpu_info
 
     gpu = gpu_info()

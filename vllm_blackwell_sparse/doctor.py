@@ -66,7 +66,7 @@ def kernel_availability(gpu: dict) -> dict[str, str]:
     for phase in ("prefill", "decode"):
         out[f"BLASST {phase}"] = "available" if BLASST_KERNEL_AVAILABLE[phase] else "not in this release"
     if gpu["cuda"] and gpu["capability"][0] in (9, 10):
-        gvr = "v1 available (exact; slower than vLLM's own top-k, so vLLM does not use it yet)"
+        gvr = "available (exact; slower than vLLM's own top-k in most shapes, so vLLM does not use it yet)"
         if importlib.util.find_spec("cutlass") is None:
             gvr = "unavailable: the CuTe DSL (nvidia-cutlass-dsl) is not installed"
     else:

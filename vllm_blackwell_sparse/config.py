@@ -88,6 +88,12 @@ _PARSERS = {
     "decode_threshold_scale_factor": _parse_factor,
     "gvr_topk": _parse_bool,
 }
+CONFIG_KEYS = tuple(_PARSERS)
+
+
+def env_var(key: str) -> str:
+    """The environment variable that overrides ``key``: ``VBS_<KEY upper-case>``."""
+    return ENV_PREFIX + key.upper()
 
 
 def parse_config(section: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> BlackwellSparseConfig:
@@ -108,7 +114,7 @@ def parse_config(section: Mapping[str, Any] | None = None, environ: Mapping[str,
     values = {k: _PARSERS[k](k, v, f'additional_config["{CONFIG_SECTION}"].') for k, v in section.items()}
     environ = os.environ if environ is None else environ
     for key, parse in _PARSERS.items():
-        env_name = ENV_PREFIX + key.upper()
+        env_name = env_var(key)
         if env_name in environ:
             values[key] = parse(key, environ[env_name], f"environment variable {env_name}: ")
     return BlackwellSparseConfig(**values)

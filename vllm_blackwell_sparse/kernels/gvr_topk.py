@@ -505,14 +505,23 @@ def gvr_topk(
     has_hint = table is not None
     use_row_slot = hint_table is not None
     fn = compile_gvr_topk(k, has_hint=has_hint, use_row_slot=use_row_slot, threads=threads, loads_in_flight=loads_in_flight)
-    # Without a hint (or row_slot) the kernel variant never reads those arguments; pass
-    # tensors of the right shape that already exist (out, lens), so one signature serves
-    # every variant and nothing is allocated.
+    # Without a hint (or row_slot) the kernel never reads those arguments; pass
+    # well-formed stand-ins so one signature serves every variant.
     fn(
         logits.view(torch.int32),
         lens,
-        table if has_hint else out,
+        table if has_hint else _dummy_hint(k, logits.device),
         row_slot if use_row_slot else lens,
         out,
     )
     return out
+
+
+_DUMMY: dict = {}
+
+
+def _dummy_hint(k: int, device) -> torch.Tensor:
+    key = (k, str(device))
+    if key not in _DUMMY:
+        _DUMMY[key] = torch.full((1, k), -1, dtype=torch.int32, device=device)
+    return _DUMMY[key]

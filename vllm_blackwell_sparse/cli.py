@@ -1,4 +1,4 @@
-"""The ``vbs`` command: ``vbs doctor``, ``vbs demo``, ``vbs bench topk``."""
+"""The ``vbs`` command: ``vbs doctor``, ``vbs demo``, ``vbs bench topk|dsa``."""
 
 from __future__ import annotations
 
@@ -36,6 +36,15 @@ def main(argv: list[str] | None = None) -> int:
         default=((512, 16),), help="GVR tunings THREADSxLOADS, comma-separated; the first is unsuffixed",
     )
     topk.add_argument("--out", default="benchmarks/results/topk.json")
+    from vllm_blackwell_sparse.bench.dsa import TINY_DSA_DIR  # stdlib-only import: cheap
+
+    dsa = bench_sub.add_parser("dsa", help="tiny DeepSeek-V3.2 with and without GVR: identical tokens, decode step time")
+    dsa.add_argument("--model", default=str(TINY_DSA_DIR), help="a DeepSeek-V3.2 config folder (dummy weights)")
+    dsa.add_argument("--cases", default="1x16384,1x30000,32x16384,32x30000", help="BATCHxCONTEXT, comma-separated")
+    dsa.add_argument("--steps", type=int, default=48, help="timed decode steps per case")
+    dsa.add_argument("--num-prompts", type=int, default=40, help="requests of the token-comparison generation")
+    dsa.add_argument("--eager", action="store_true", help="enforce_eager (default: vLLM's CUDA graphs)")
+    dsa.add_argument("--out", default="benchmarks/results/dsa_gvr.json")
     args = parser.parse_args(argv)
 
     if args.command == "doctor":
@@ -51,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
             num_prompts=args.num_prompts, prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, json_path=args.json_path
         )
     if args.command == "bench":
+        if args.bench == "dsa":
+            from vllm_blackwell_sparse.bench import dsa as bench_dsa
+
+            return bench_dsa.main(args)
         from vllm_blackwell_sparse.bench import topk as bench_topk
 
         return bench_topk.main(args)

@@ -155,17 +155,9 @@ def load_config(vllm_config: Any | None = None) -> BlackwellSparseConfig:
 BLASST_KERNEL_AVAILABLE = {"prefill": False, "decode": False}
 
 
-GVR_TOPK_AVAILABLE = False
-
-
 def unavailable_feature_reasons(cfg: BlackwellSparseConfig) -> list[str]:
     """Reasons why ``cfg`` asks for something this release cannot do (empty if fine)."""
-    reasons = []
-    if cfg.gvr_topk and not GVR_TOPK_AVAILABLE:
-        reasons.append(
-            f"{CONFIG_SECTION}.gvr_topk is true, but this release has no GVR top-k hook for the DSA indexer yet; "
-            "set it to false or upgrade vllm-blackwell-sparse"
-        )
+    reasons = []  # gvr_topk is always available: dsa.py falls back to vLLM's top-k with a warning
     for phase in ("prefill", "decode"):
         key = f"{phase}_threshold_scale_factor"
         if getattr(cfg, key) is not None and not BLASST_KERNEL_AVAILABLE[phase]:

@@ -1,4 +1,5 @@
-"""vLLM general plugin: ``register()`` puts our backend in the ``CUSTOM`` slot.
+"""vLLM general plugin: ``register()`` puts our backend in the ``CUSTOM`` slot and arms
+the DSA indexer hook (GVR top-k, ``dsa.py``; it acts only when ``gvr_topk`` is on).
 
 vLLM calls ``register()`` in every process it starts (API server, engine core,
 workers) through the ``vllm.general_plugins`` entry point ``blackwell_sparse``
@@ -54,6 +55,13 @@ def register() -> bool:
         _state["registered"] = True
     except Exception:  # never break vLLM's start-up for users who do not select us
         logger.exception("vllm-blackwell-sparse: registering the CUSTOM attention backend failed")
+        return False
+    try:
+        from vllm_blackwell_sparse import dsa
+
+        dsa.install()  # post-import hooks only: the indexer module is not imported here
+    except Exception:
+        logger.exception("vllm-blackwell-sparse: arming the DSA indexer hook failed; gvr_topk is unavailable")
     _report_environment_config()
     return _state["registered"]
 

@@ -1,7 +1,8 @@
 #!/bin/bash
 # The GPU test session on the H200 (after the `full` bundle is installed; see docs/VERIFICATION.md).
-# Usage: bash tests/gpu/run_h200.sh STAGE   with STAGE = kernels | llm | server | demo | all
-# (kernels: FA4 backend impl + GVR top-k; llm: offline LLM() token equality; server: OpenAI server)
+# Usage: bash tests/gpu/run_h200.sh STAGE   with STAGE = kernels | llm | server | demo | dsa | dsa-eager | all
+# (kernels: FA4 backend impl + GVR top-k; llm: offline LLM() token equality; server: OpenAI server;
+#  dsa / dsa-eager: GVR inside the tiny DeepSeek-V3.2, CUDA graphs / enforce_eager, ~4 min each)
 # Logs and JSON artifacts go to $OUT (or ./gpu-artifacts).
 set -uo pipefail
 source /tmp/vbs-env.sh
@@ -23,5 +24,11 @@ if [[ $stage == server || $stage == all ]]; then
 fi
 if [[ $stage == demo || $stage == all ]]; then
   run python3 -m vllm_blackwell_sparse.cli demo --json "$ART/demo.json" || rc=1
+fi
+if [[ $stage == dsa || $stage == all ]]; then
+  run python3 -m pytest -q -rs -s tests/gpu/test_dsa_gvr.py -k cuda_graphs --junitxml="$ART/junit-dsa.xml" || rc=1
+fi
+if [[ $stage == dsa-eager || $stage == all ]]; then
+  run python3 -m pytest -q -rs -s tests/gpu/test_dsa_gvr.py -k eager --junitxml="$ART/junit-dsa-eager.xml" || rc=1
 fi
 exit $rc

@@ -80,6 +80,39 @@ def test_hint_table_row_slot_strided_rows_and_2d_seq_lens():
         assert set(out[r].tolist()) == set(want[r].tolist())
 
 
+def test_row_slot_outside_the_table_means_no_hint():
+    # The DSA hook's slots always lie inside the table; a wrong one must still only cost speed.
+    k, rows, n = 512, 6, 9000
+    logits = torch.randn(rows, n, device="cuda")
+    lens = torch.tensor([n, n - 7, 600, n, 513, n], dtype=torch.int32, device="cuda")
+    table = torch.randint(0, n, (3, k), dtype=torch.int32, device="cuda")
+    row_slot = torch.tensor([3, 1 << 30, 2, -5, 7, 0], dtype=torch.int32, device="cuda")
+    out = gvr_topk(logits, lens, k, hint_table=table, row_slot=row_slot)
+    check_rows(logits, lens, k, out)
+
+
+def test_hintless_call_allocates_nothing_and_captures():
+    # With out given, a hint-less call allocates nothing (the unread hint argument is a
+    # stand-in, not a lazily created tensor), so it can be captured in a CUDA graph.
+    k, rows, n = 1024, 4, 30000
+    logits = torch.randn(rows, n, device="cuda")
+    lens = torch.full((rows,), n, dtype=torch.int32, device="cuda")
+    out = torch.empty(rows, k, dtype=torch.int32, device="cuda")
+    gvr_topk(logits, lens, k, hint=torch.full((rows, k), -1, dtype=torch.int32, device="cuda"), out=out)
+    torch.cuda.synchronize()
+    allocations = torch.cuda.memory_stats()["allocation.all.allocated"]
+    gvr_topk(logits, lens, k, out=out)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_stats()["allocation.all.allocated"] == allocations
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gvr_topk(logits, lens, k, out=out)
+    logits.copy_(torch.randn_like(logits))
+    graph.replay()
+    torch.cuda.synchronize()
+    check_rows(logits, lens, k, out)
+
+
 def test_deterministic_and_cuda_graph_capturable():
     k, rows, n = 2048, 16, 65536
     logits = torch.randn(rows, n, device="cuda")

@@ -215,7 +215,7 @@ def _kernel_module():
                     slot = row
                     if const_expr(self.use_row_slot):
                         slot = mRowSlot[row]
-                    if slot >= 0:
+                    if slot >= 0 and slot < mHint.shape[0]:  # a slot outside the table is "no hint"
                         # ceil(k / threads) hinted columns per thread, all loads issued first.
                         per = -(-k // self.threads)
                         js = [tidx + u * self.threads for u in range(per)]
@@ -506,22 +506,13 @@ def gvr_topk(
     use_row_slot = hint_table is not None
     fn = compile_gvr_topk(k, has_hint=has_hint, use_row_slot=use_row_slot, threads=threads, loads_in_flight=loads_in_flight)
     # Without a hint (or row_slot) the kernel never reads those arguments; pass
-    # well-formed stand-ins so one signature serves every variant.
+    # well-formed stand-ins (``out`` is an int32 [*, k] tensor, ``lens`` int32 [rows])
+    # so one signature serves every variant and nothing is allocated.
     fn(
         logits.view(torch.int32),
         lens,
-        table if has_hint else _dummy_hint(k, logits.device),
+        table if has_hint else out,
         row_slot if use_row_slot else lens,
         out,
     )
     return out
-
-
-_DUMMY: dict = {}
-
-
-def _dummy_hint(k: int, device) -> torch.Tensor:
-    key = (k, str(device))
-    if key not in _DUMMY:
-        _DUMMY[key] = torch.full((1, k), -1, dtype=torch.int32, device=device)
-    return _DUMMY[key]

@@ -1,0 +1,584 @@
+"""GVR top-k inside vLLM 0.26's DeepSeek-V3.2 sparse-attention (DSA) indexer.
+
+With ``gvr_topk: true`` the indexer's *decode* top-k (``torch.ops._C.cooperative_topk``
+/ ``persistent_topk``) becomes :func:`~vllm_blackwell_sparse.kernels.gvr_topk.gvr_topk`,
+hinted with the same request's top-k of the previous decode step in the same layer.
+Prefill top-k, the logits and everything else stay vLLM's. Off (the default), vLLM's
+own top-k runs unchanged.
+
+How it is wired (all of it vLLM glue; the kernel knows nothing of vLLM):
+
+* ``register()`` calls :func:`install`: it adds our op to vLLM's piecewise splitting
+  ops and arms post-import hooks, so nothing heavy is imported in processes that never
+  load a DSA model (importing the indexer module costs ~3 s).
+* When ``vllm.model_executor.layers.sparse_attn_indexer`` is imported, an
+  out-of-tree subclass of ``SparseAttnIndexer`` is registered (``register_oot``). With
+  GVR on, its forward calls our custom op ``vllm_blackwell_sparse::sparse_attn_indexer``
+  (same schema as vLLM's): it runs vLLM's own indexer function with the decode top-k
+  swapped for GVR, bound to this layer's hint table. An op of our own is needed
+  because vLLM's op is dispatched to a function object we cannot wrap, and the layer
+  must be known at run time (vLLM shares one ``topk_indices_buffer`` over all layers,
+  so nothing of the previous step survives there).
+* Hint state, per process: one ``[max_num_seqs + 1, k]`` int32 table per indexer
+  layer (the extra row takes padded rows' writes), plus a row -> slot map rewritten
+  before every step. Memory: ``layers x (max_num_seqs + 1) x k x 4`` bytes (e.g. 61 x
+  257 x 2048 x 4 = 128 MiB for V3.2 at 256 sequences), allocated at model load, so
+  vLLM's memory profiling counts it.
+* Rows find their slot by request id: after the V1 ``GPUModelRunner._update_states``
+  (which condenses and reorders the batch, decode rows first) the map is rebuilt from
+  ``input_batch.req_ids`` and copied to the GPU inside vLLM's input-prep
+  synchronisation, so CUDA-graph replays read fresh slots at fixed addresses. Finished
+  requests free their slot; a new request reads no hint until its first decode step
+  has written one. A wrong or missing hint only costs speed: GVR is exact for any hint.
+
+Diagnostics: ``VBS_GVR_STATS=1`` adds, per layer, counters of rows, hinted rows, hint
+hits (the hint is this request's previous decode step, checked on the GPU with the
+sequence length stored next to the hint), the overlap |previous ∩ current| / k and
+rows with a tie at the k-th value; read them with :func:`gvr_stats`. They cost extra
+kernels (a sort and a top-k per layer): for tests and calibration, not serving.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import logging
+import os
+import sys
+import threading
+from collections import OrderedDict
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+
+logger = logging.getLogger("vllm_blackwell_sparse")
+
+INDEXER_MODULE = "vllm.model_executor.layers.sparse_attn_indexer"
+RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"
+OP_NAMESPACE = "vllm_blackwell_sparse"
+OP_NAME = "sparse_attn_indexer"
+QUALIFIED_OP = f"{OP_NAMESPACE}::{OP_NAME}"
+STATS_ENV = "VBS_GVR_STATS"
+# The decode top-k entry points of vLLM 0.26's indexer that GVR replaces (same schema:
+# logits, lengths, output, workspace, k, max_seq_len).
+VLLM_DECODE_TOPK_OPS = ("cooperative_topk", "persistent_topk")
+
+
+# --------------------------------------------------------------------------------------
+# Installation (runs in register(): cheap, idempotent, no CUDA)
+# --------------------------------------------------------------------------------------
+
+_installed = {"done": False}
+_lock = threading.Lock()
+
+
+def install() -> None:
+    """Arm the DSA hook in this process. Whether GVR runs is decided per model, from
+    its ``VllmConfig``, when the indexer layers are built."""
+    with _lock:
+        if _installed["done"]:
+            return
+        _installed["done"] = True
+    _add_splitting_op()
+    _after_import(INDEXER_MODULE, _patch_indexer_module)
+    _after_import(RUNNER_MODULE, _patch_runner_module)
+
+
+def _add_splitting_op() -> None:
+    # Piecewise CUDA graphs must run our op eagerly, like vLLM's own indexer op (its
+    # Python control flow depends on the batch). The frontend copies this list into
+    # ``splitting_ops`` when it builds the config, which happens after plugins load.
+    from vllm.config.compilation import CompilationConfig
+
+    if QUALIFIED_OP not in CompilationConfig._attention_ops:
+        CompilationConfig._attention_ops.append(QUALIFIED_OP)
+
+
+_post_import: dict[str, Callable[[Any], None]] = {}
+
+
+class _PostImportFinder(importlib.abc.MetaPathFinder):
+    """Runs a patch function right after a module has been executed (first import)."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in _post_import:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        spec.loader = _PatchingLoader(spec.loader, _post_import.pop(fullname))
+        return spec
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    def __init__(self, loader, patch):
+        self._loader, self._patch = loader, patch
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        _run_patch(self._patch, module)
+
+
+_finder = _PostImportFinder()
+
+
+def _after_import(name: str, patch: Callable[[Any], None]) -> None:
+    module = sys.modules.get(name)
+    if module is not None:
+        _run_patch(patch, module)
+        return
+    _post_import[name] = patch
+    if _finder not in sys.meta_path:
+        sys.meta_path.insert(0, _finder)
+
+
+def _run_patch(patch, module) -> None:
+    try:
+        patch(module)
+    except Exception:  # never break vLLM for users who do not use GVR
+        logger.exception("vllm-blackwell-sparse: patching %s failed; GVR top-k is unavailable", module.__name__)
+
+
+# --------------------------------------------------------------------------------------
+# The indexer layer and our op
+# --------------------------------------------------------------------------------------
+
+
+def _patch_indexer_module(mod) -> None:
+    from torch.library import Library
+    from vllm.utils.torch_utils import _resolve_layer_name, direct_register_custom_op
+
+    vllm_indexer = mod.sparse_attn_indexer  # the function vLLM's own op dispatches to
+
+    def gvr_sparse_attn_indexer(hidden_states, k_cache_prefix, *args, **kwargs):
+        layer = _STATE.layer(_resolve_layer_name(k_cache_prefix))
+        with _decode_topk_replaced_by(layer):
+            return vllm_indexer(hidden_states, k_cache_prefix, *args, **kwargs)
+
+    # Same parameters, annotations and schema as vLLM's op (inspect follows __wrapped__).
+    gvr_sparse_attn_indexer.__wrapped__ = vllm_indexer
+    library = Library(OP_NAMESPACE, "FRAGMENT")
+    direct_register_custom_op(
+        op_name=OP_NAME,
+        op_func=gvr_sparse_attn_indexer,
+        mutates_args=["topk_indices_buffer"],
+        fake_impl=mod.sparse_attn_indexer_fake,
+        target_lib=library,
+    )
+    _keepalive.append(library)  # the op lives as long as its Library object
+
+    base = mod.SparseAttnIndexer
+
+    class GvrSparseAttnIndexer(base):
+        """vLLM's indexer; with ``gvr_topk`` on, its decode top-k is GVR with hints."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.gvr_layer = _STATE.add_layer_if_enabled(self)
+
+        def forward_cuda(self, hidden_states, q_quant, k, weights):
+            if self.gvr_layer is None:
+                return super().forward_cuda(hidden_states, q_quant, k, weights)
+            q_values, q_scale = q_quant if isinstance(q_quant, tuple) else (q_quant, None)
+            return torch.ops.vllm_blackwell_sparse.sparse_attn_indexer(  # OP_NAMESPACE, OP_NAME
+                hidden_states,
+                mod._encode_layer_name(self.k_cache.prefix),
+                self.k_cache.kv_cache,
+                q_values,
+                q_scale,
+                k,
+                weights,
+                self.quant_block_size,
+                self.scale_fmt,
+                self.topk_tokens,
+                self.head_dim,
+                self.max_model_len,
+                self.max_total_seq_len,
+                self.topk_indices_buffer,
+                self.skip_k_cache_insert,
+                self.use_pcp,
+                self.use_fp4_cache,
+                self.dcp_rank,
+                self.dcp_world_size,
+                self.cp_kv_cache_interleave_size,
+            )
+
+    base.register_oot(GvrSparseAttnIndexer)
+    # register_oot renames the class to the in-tree class name; keep vLLM's op name so
+    # ``custom_ops=["+sparse_attn_indexer"]`` style settings still refer to this layer.
+    GvrSparseAttnIndexer.name = base.name
+
+
+_keepalive: list = []
+
+
+@contextmanager
+def _decode_topk_replaced_by(layer: "GvrLayer"):
+    """Inside vLLM's indexer function, its decode top-k ops call ``layer`` instead.
+    vLLM looks them up on ``torch.ops._C`` at call time, so swapping the attributes for
+    the duration of the call is enough; they are restored even on error."""
+    namespace = torch.ops._C
+    originals = {name: getattr(namespace, name) for name in VLLM_DECODE_TOPK_OPS}
+    for name, original in originals.items():
+        setattr(namespace, name, layer.decode_topk_replacing(original))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(namespace, name, original)
+
+
+# --------------------------------------------------------------------------------------
+# The V1 model runner: row -> slot map before every step
+# --------------------------------------------------------------------------------------
+
+
+def _patch_runner_module(mod) -> None:
+    runner_cls = mod.GPUModelRunner
+    vllm_update_states = runner_cls._update_states
+    if getattr(vllm_update_states, "_vbs_wrapped", False):
+        return
+
+    def _update_states(self, scheduler_output):
+        result = vllm_update_states(self, scheduler_output)
+        if _STATE.active:
+            _STATE.on_step(
+                self.input_batch.req_ids,
+                scheduler_output.num_scheduled_tokens,
+                scheduler_output.finished_req_ids,
+            )
+        return result
+
+    _update_states._vbs_wrapped = True
+    _update_states.__wrapped__ = vllm_update_states
+    runner_cls._update_states = _update_states
+    _STATE.runner_hooked = True
+
+
+# --------------------------------------------------------------------------------------
+# Slots and hint state
+# --------------------------------------------------------------------------------------
+
+
+class SlotMap:
+    """Request id -> hint slot in ``[0, num_slots)``; CPU only (tested on CPU).
+
+    A slot is *valid* once its request has been through a decode step (its top-k was
+    written); until then the request reads no hint. Finished requests free their slot.
+    When all slots are taken (more requests alive than slots, e.g. preempted ones still
+    holding one), the least recently scheduled request not in the current batch loses
+    its slot; a request that finds none gets no hint (``-1``), which only costs speed.
+    """
+
+    def __init__(self, num_slots: int):
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        self.num_slots = num_slots
+        self._slot: OrderedDict[str, int] = OrderedDict()  # least recently scheduled first
+        self._valid = [False] * num_slots
+        self._free = list(range(num_slots - 1, -1, -1))
+
+    def step(
+        self, req_ids: Iterable[str | None], num_scheduled_tokens: Mapping[str, int], finished: Iterable[str]
+    ) -> tuple[list[int], list[int]]:
+        """Update for one step; returns per batch row (read slot or -1, write slot or -1).
+
+        The read slot is the request's slot if it holds a hint from an earlier decode
+        step; the write slot is its slot (where this step's decode top-k goes)."""
+        for req_id in finished:
+            self._release(req_id)
+        rows = list(req_ids)
+        current = {r for r in rows if r is not None}
+        read, write = [], []
+        for req_id in rows:
+            slot = self._slot_for(req_id, current) if req_id is not None else None
+            if slot is None:
+                read.append(-1)
+                write.append(-1)
+                continue
+            read.append(slot if self._valid[slot] else -1)
+            write.append(slot)
+            # A row with one scheduled token goes through the indexer's decode top-k
+            # (vLLM splits decode and prefill at query length 1 without MTP) and so
+            # writes its hint in every layer this step.
+            if num_scheduled_tokens.get(req_id, 0) == 1:
+                self._valid[slot] = True
+        return read, write
+
+    def slot_of(self, req_id: str) -> int | None:
+        return self._slot.get(req_id)
+
+    def _slot_for(self, req_id: str, current: set) -> int | None:
+        slot = self._slot.get(req_id)
+        if slot is not None:
+            self._slot.move_to_end(req_id)
+            return slot
+        if not self._free:
+            victim = next((r for r in self._slot if r not in current), None)
+            if victim is None:
+                return None
+            self._release(victim)
+        slot = self._free.pop()
+        self._valid[slot] = False
+        self._slot[req_id] = slot
+        return slot
+
+    def _release(self, req_id: str) -> None:
+        slot = self._slot.pop(req_id, None)
+        if slot is not None:
+            self._valid[slot] = False
+            self._free.append(slot)
+
+
+STAT_FIELDS = ("rows", "rows_with_hint", "hint_hits", "overlap_sum", "cutoff_ties")
+
+
+class GvrLayer:
+    """One indexer layer's hint table and (optionally) its statistics counters."""
+
+    def __init__(self, state: "GvrHintState", name: str, k: int, device: torch.device):
+        self.state, self.name, self.k = state, name, k
+        # Slot num_slots is the sink of rows without a request (padding); never read.
+        self.hints = torch.full((state.num_slots + 1, k), -1, dtype=torch.int32, device=device)
+        self.stats = None
+        if state.collect_stats:  # counters, and each slot's sequence length at its last write
+            self.stats = torch.zeros(len(STAT_FIELDS), dtype=torch.int64, device=device)
+            self.hint_len = torch.zeros(state.num_slots + 1, dtype=torch.int32, device=device)
+        self._warned: set[str] = set()
+
+    def decode_topk_replacing(self, vllm_op):
+        def decode_topk(logits, lengths, output, workspace, k, max_seq_len):
+            why = self._why_not_gvr(logits, lengths, output, k)
+            if why is not None:
+                if why not in self._warned:
+                    self._warned.add(why)
+                    logger.warning("vllm-blackwell-sparse: layer %s uses vLLM's decode top-k: %s", self.name, why)
+                return vllm_op(logits, lengths, output, workspace, k, max_seq_len)
+            self.run(logits, lengths, output, k)
+
+        return decode_topk
+
+    def _why_not_gvr(self, logits, lengths, output, k) -> str | None:
+        if k != self.k:
+            return f"k={k} differs from the layer's {self.k}"
+        if logits.dtype != torch.float32 or logits.dim() != 2 or logits.stride(1) != 1:
+            return f"logits {logits.dtype} {tuple(logits.shape)} stride {logits.stride()} (needs fp32 rows, unit column stride)"
+        if lengths.dtype != torch.int32 or lengths.numel() != logits.shape[0]:
+            return f"lengths {lengths.dtype} {tuple(lengths.shape)} (needs int32, one per row)"
+        if output.dtype != torch.int32 or not output.is_contiguous() or tuple(output.shape) != (logits.shape[0], k):
+            return f"output {output.dtype} {tuple(output.shape)} (needs contiguous int32 [rows, k])"
+        if logits.shape[0] > self.state.max_rows:
+            return f"{logits.shape[0]} rows exceed the {self.state.max_rows} the hint state was sized for"
+        return None
+
+    def run(self, logits: torch.Tensor, lengths: torch.Tensor, output: torch.Tensor, k: int) -> None:
+        from vllm_blackwell_sparse.kernels.gvr_topk import gvr_topk
+
+        rows = logits.shape[0]
+        if lengths.dim() == 2 and lengths.shape[1] != 1:
+            # Several query tokens per request (MTP): hints are kept per request, not
+            # per token, so these rows run without one.
+            gvr_topk(logits, lengths, k, out=output)
+            return
+        read = self.state.read_slot[:rows]
+        write = self.state.write_slot[:rows]
+        gvr_topk(logits, lengths, k, hint_table=self.hints, row_slot=read, out=output)
+        if self.stats is not None:
+            self._count(logits, lengths.reshape(-1), output, read, write)
+            self.hint_len.index_copy_(0, write, lengths.reshape(-1))
+        self.hints.index_copy_(0, write, output)
+
+    def _count(self, logits, lengths, output, read, write) -> None:
+        live = write < self.state.num_slots
+        hinted = live & (read >= 0)
+        slot = read.clamp(min=0).long()
+        hit = hinted & (self.hint_len[slot] == lengths - 1)
+        overlap = topk_overlap(self.hints[slot], output)
+        ties = cutoff_tie_rows(logits, lengths, self.k)
+        self.stats += torch.stack(
+            [
+                live.sum(),
+                hinted.sum(),
+                hit.sum(),
+                torch.where(hit, overlap, 0).sum(),
+                (live & ties).sum(),
+            ]
+        )
+
+
+class GvrHintState:
+    """The per-process GVR state: layers, slot map and the GPU row -> slot buffers."""
+
+    def __init__(self):
+        self.layers: dict[str, GvrLayer] = {}
+        self.active = False
+        self.runner_hooked = False
+        self.collect_stats = os.environ.get(STATS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+        self.num_slots = 0
+        self.max_rows = 0
+        self.slots: SlotMap | None = None
+        self.read_slot: torch.Tensor | None = None
+        self.write_slot: torch.Tensor | None = None
+        self._host_read: torch.Tensor | None = None
+        self._host_write: torch.Tensor | None = None
+
+    def add_layer_if_enabled(self, indexer) -> GvrLayer | None:
+        """Called by each indexer layer's ``__init__``; returns its GVR layer or None."""
+        from vllm.config import get_current_vllm_config
+
+        from vllm_blackwell_sparse.config import load_config
+
+        vllm_config = get_current_vllm_config()
+        if not load_config(vllm_config).gvr_topk:
+            return None
+        why = gvr_unsupported_reason(indexer.topk_tokens, indexer.topk_indices_buffer.device)
+        if why is not None:
+            _warn_once(f"gvr_topk is on but vLLM's decode top-k stays: {why}")
+            return None
+        device = indexer.topk_indices_buffer.device
+        if not self.layers:
+            self._allocate_shared(vllm_config.scheduler_config.max_num_seqs, indexer.topk_indices_buffer.shape[0], device)
+            _compile_for(indexer.topk_tokens)
+        name = indexer.k_cache.prefix
+        layer = GvrLayer(self, name, indexer.topk_tokens, device)
+        self.layers[name] = layer
+        if len(self.layers) == 1:
+            logger.info(
+                "vllm-blackwell-sparse: GVR top-k replaces the DSA decode top-k (k=%d, %d hint slots%s)",
+                indexer.topk_tokens,
+                self.num_slots,
+                ", statistics on" if self.collect_stats else "",
+            )
+        return layer
+
+    def _allocate_shared(self, max_num_seqs: int, max_rows: int, device) -> None:
+        self.num_slots = max_num_seqs
+        self.max_rows = max_rows
+        self.slots = SlotMap(self.num_slots)
+        self.read_slot = torch.full((max_rows,), -1, dtype=torch.int32, device=device)
+        self.write_slot = torch.full((max_rows,), self.num_slots, dtype=torch.int64, device=device)  # index_copy_ index
+        # Pinned staging for the per-step copy; vLLM's synchronize_input_prep() (around
+        # _update_states) guarantees the previous step's copy finished before reuse.
+        pin = torch.device(device).type == "cuda"
+        self._host_read = torch.empty(max_rows, dtype=torch.int32, device="cpu", pin_memory=pin)
+        self._host_write = torch.empty(max_rows, dtype=torch.int64, device="cpu", pin_memory=pin)
+        self.active = True
+        if not self.runner_hooked:
+            _warn_once(
+                "the V1 GPUModelRunner hook is not installed (another model runner is in use?): "
+                "GVR runs without hints (exact, slower)"
+            )
+
+    def layer(self, name: str) -> GvrLayer:
+        try:
+            return self.layers[name]
+        except KeyError:
+            raise RuntimeError(f"vllm-blackwell-sparse: no GVR state for indexer layer {name!r}") from None
+
+    def on_step(self, req_ids, num_scheduled_tokens, finished) -> None:
+        read, write = self.slots.step(req_ids, num_scheduled_tokens, finished)
+        n = min(len(read), self.max_rows)
+        # Rows past the batch (CUDA-graph padding) read no hint and write to the sink slot.
+        self._host_read.fill_(-1)
+        self._host_write.fill_(self.num_slots)
+        if n:
+            self._host_read[:n] = torch.tensor(read[:n], dtype=torch.int32)
+            self._host_write[:n] = torch.tensor([w if w >= 0 else self.num_slots for w in write[:n]])
+        self.read_slot.copy_(self._host_read, non_blocking=True)
+        self.write_slot.copy_(self._host_write, non_blocking=True)
+
+    def stats(self, reset: bool = False) -> dict[str, dict[str, float]]:
+        out = {}
+        for name, layer in self.layers.items():
+            if layer.stats is None:
+                continue
+            values = dict(zip(STAT_FIELDS, layer.stats.tolist()))
+            rows, hits = values["rows"], values["hint_hits"]
+            values["hit_rate"] = hits / rows if rows else 0.0
+            values["overlap"] = values["overlap_sum"] / (hits * layer.k) if hits else 0.0
+            out[name] = values
+            if reset:
+                layer.stats.zero_()
+        return out
+
+
+_STATE = GvrHintState()
+
+
+def gvr_stats(reset: bool = False) -> dict[str, dict[str, float]]:
+    """Per indexer layer: rows, rows_with_hint, hint_hits, hit_rate, overlap (mean
+    |previous ∩ current| / k over hit rows) and cutoff_ties (rows whose k-th and
+    (k+1)-th values are equal). Empty unless ``VBS_GVR_STATS=1`` and GVR is on. In the
+    worker process (``LLM.collective_rpc`` or ``VLLM_ENABLE_V1_MULTIPROCESSING=0``)."""
+    return _STATE.stats(reset)
+
+
+def gvr_unsupported_reason(k: int, device: torch.device) -> str | None:
+    from vllm_blackwell_sparse.kernels.gvr_topk import SUPPORTED_K
+
+    if k not in SUPPORTED_K:
+        return f"index_topk={k} (GVR supports {SUPPORTED_K})"
+    if device.type != "cuda":
+        return f"the indexer runs on {device.type}, GVR needs CUDA"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) not in ((9, 0), (10, 0)):
+        return f"GPU capability {major}.{minor} (GVR is built for sm_90a and sm_100a)"
+    return None
+
+
+def _compile_for(k: int) -> None:
+    # Compile at model load, not at the first decode step (or inside graph capture).
+    from vllm_blackwell_sparse.kernels.gvr_topk import compile_gvr_topk
+
+    compile_gvr_topk(k, has_hint=True, use_row_slot=True)
+    compile_gvr_topk(k, has_hint=False, use_row_slot=False)
+    if torch.cuda.get_device_capability()[0] == 10:
+        _warn_once("GVR on sm_100 is compile-checked only; it has not been run on Blackwell")
+
+
+_warned_messages: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned_messages:
+        _warned_messages.add(message)
+        logger.warning("vllm-blackwell-sparse: %s", message)
+
+
+# --------------------------------------------------------------------------------------
+# Statistics helpers (plain torch, capture-safe; CPU-tested)
+# --------------------------------------------------------------------------------------
+
+
+def topk_overlap(previous: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    """|previous ∩ current| per row for two ``[rows, k]`` index sets (``-1`` = empty).
+    Each row of each set is duplicate-free, so duplicates in the concatenation are
+    exactly the common indices."""
+    both = torch.cat([previous, current], dim=1).to(torch.int64)
+    filler = -2 - torch.arange(both.shape[1], device=both.device)  # distinct, never a column
+    both = torch.where(both < 0, filler, both)
+    ordered = both.sort(dim=1).values
+    return (ordered[:, 1:] == ordered[:, :-1]).sum(dim=1)
+
+
+def cutoff_tie_rows(logits: torch.Tensor, lengths: torch.Tensor, k: int) -> torch.Tensor:
+    """Rows whose k-th and (k+1)-th largest valid values are equal: the top-k *set*
+    is then not unique and kernels may legitimately choose different indices."""
+    cols = torch.arange(logits.shape[1], device=logits.device)
+    valid = cols[None, :] < lengths[:, None]
+    masked = torch.where(valid, logits, float("-inf"))
+    if logits.shape[1] <= k:
+        return torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    top = masked.topk(k + 1, dim=1).values
+    return (lengths > k) & (top[:, k - 1] == top[:, k])

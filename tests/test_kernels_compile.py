@@ -10,7 +10,8 @@ COMPILE = """
 from vllm_blackwell_sparse.kernels.gvr_topk import compile_gvr_topk
 for k in (512, 1024, 2048):
     for has_hint, use_row_slot in ((True, False), (True, True), (False, False)):
-        compile_gvr_topk(k, has_hint=has_hint, use_row_slot=use_row_slot)
+        for vec_width in (1, 4):
+            compile_gvr_topk(k, has_hint=has_hint, use_row_slot=use_row_slot, vec_width=vec_width)
 print("compiled")
 """
 

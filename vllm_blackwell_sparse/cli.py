@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     topk.add_argument("--kernels", type=lambda s: s.split(","), default=None, help="subset, comma-separated")
     topk.add_argument(
         "--gvr-configs", type=lambda s: tuple(tuple(int(v) for v in c.split("x")) for c in s.split(",")),
-        default=((512, 16),), help="GVR tunings THREADSxLOADS, comma-separated; the first is unsuffixed",
+        default=((512, 16),),
+        help="GVR tunings THREADSxLOADS[xVEC], comma-separated (VEC 1 or 4: columns per load); the first is unsuffixed",
     )
     topk.add_argument("--out", default="benchmarks/results/topk.json")
     from vllm_blackwell_sparse.bench.dsa import TINY_DSA_DIR  # stdlib-only import: cheap

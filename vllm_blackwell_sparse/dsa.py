@@ -541,8 +541,9 @@ def _compile_for(k: int) -> None:
     # Compile at model load, not at the first decode step (or inside graph capture).
     from vllm_blackwell_sparse.kernels.gvr_topk import compile_gvr_topk
 
-    compile_gvr_topk(k, has_hint=True, use_row_slot=True)
-    compile_gvr_topk(k, has_hint=False, use_row_slot=False)
+    for vec_width in (1, 4):  # 4 for 16-byte aligned logits rows (vLLM's usual case)
+        compile_gvr_topk(k, has_hint=True, use_row_slot=True, vec_width=vec_width)
+        compile_gvr_topk(k, has_hint=False, use_row_slot=False, vec_width=vec_width)
     if torch.cuda.get_device_capability()[0] == 10:
         _warn_once("GVR on sm_100 is compile-checked only; it has not been run on Blackwell")
 

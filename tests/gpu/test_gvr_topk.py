@@ -157,14 +157,37 @@ def test_hint_at_the_smallest_values_still_exact():
     check_rows(logits, lens, k, out)
 
 
-@pytest.mark.parametrize("threads, loads", [(256, 32), (1024, 16), (1024, 8), (512, 32)])
-def test_tunings_are_exact(threads, loads):
+@pytest.mark.parametrize(
+    "threads, loads, vec_width",
+    [(256, 32, 1), (1024, 16, 1), (1024, 8, 1), (512, 32, 1),
+     (512, 2, 4), (512, 4, 4), (512, 8, 4), (1024, 2, 4), (1024, 4, 4), (256, 8, 4), (256, 16, 4)],
+)
+def test_tunings_are_exact(threads, loads, vec_width):
     seed = random.randrange(1 << 30)
     g = torch.Generator(device="cuda").manual_seed(seed)
-    for k, rows, n in ((512, 300, 5000), (2048, 64, 70000), (1024, 8, 1100)):
+    for k, rows, n in ((512, 300, 5000), (2048, 64, 70000), (1024, 8, 1100)):  # n % 4 == 0: both widths apply
         logits = torch.randn(rows, n, generator=g, device="cuda")
         lens = torch.randint(n // 2, n + 1, (rows,), generator=g, device="cuda", dtype=torch.int32)
         hint = torch.topk(logits + 0.4 * torch.randn(rows, n, generator=g, device="cuda"), k, dim=1).indices.int()
         for h in (hint, None):
-            out = gvr_topk(logits, lens, k, hint=h, threads=threads, loads_in_flight=loads)
+            out = gvr_topk(logits, lens, k, hint=h, threads=threads, loads_in_flight=loads, vec_width=vec_width)
             check_rows(logits, lens, k, out)
+            # The tuning changes nothing: same set, same (column) order as the default.
+            assert torch.equal(out, gvr_topk(logits, lens, k, hint=h, vec_width=1)), seed
+
+
+def test_load_width_is_chosen_by_alignment_and_both_widths_agree_on_ties():
+    from vllm_blackwell_sparse.kernels.gvr_topk import rows_are_16b_aligned
+
+    k = 1024
+    base = torch.randint(-3, 3, (6, 40004), device="cuda").float()  # many ties at the cutoff
+    assert rows_are_16b_aligned(base) and not rows_are_16b_aligned(base[:, 1:]) and not rows_are_16b_aligned(base[:, :40003])
+    lens = torch.tensor([40004, 39999, 4000, 2047, 40001, 1025], dtype=torch.int32, device="cuda")
+    want = topk_reference(base, lens, k)
+    for logits in (base, base[:, 1:].contiguous()):  # aligned (width 4 chosen), then width 1
+        out = gvr_topk(logits, lens.clamp(max=logits.shape[1]), k)
+        ref = want if logits is base else topk_reference(logits, lens.clamp(max=logits.shape[1]), k)
+        for r in range(6):
+            assert set(out[r].tolist()) == set(ref[r].tolist()), r
+    with pytest.raises(ValueError, match="vec_width=4"):
+        gvr_topk(base[:, 1:], lens.clamp(max=40003), k, vec_width=4)

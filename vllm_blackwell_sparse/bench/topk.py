@@ -35,16 +35,17 @@ SPIN_CYCLES = 200_000  # ~100 µs at the H200's clock
 
 def gvr_kernels(k: int, true_hint: torch.Tensor, n: int, configs=((512, 16),)) -> dict[str, Callable]:
     """Our GVR kernel with the previous step's top-k, a random hint, and no hint, for
-    each (threads, loads_in_flight) config; the first config's names carry no suffix."""
+    each (threads, loads_in_flight[, vec_width]) config (vec_width omitted: the kernel's
+    choice, 128-bit loads for aligned rows); the first config's names carry no suffix."""
     from vllm_blackwell_sparse.kernels.gvr_topk import gvr_topk
 
     rows = true_hint.shape[0]
     random_hint = torch.randint(0, n, (rows, k), dtype=torch.int32, device=true_hint.device)
     true_hint = true_hint.int().contiguous()
     kernels = {}
-    for i, (threads, loads) in enumerate(configs):
-        sfx = "" if i == 0 else f"@{threads}x{loads}"
-        tune = dict(threads=threads, loads_in_flight=loads)
+    for i, (threads, loads, *vec) in enumerate(configs):
+        sfx = "" if i == 0 else "@" + "x".join(str(v) for v in (threads, loads, *vec))
+        tune = dict(threads=threads, loads_in_flight=loads, vec_width=vec[0] if vec else None)
         kernels["gvr_true_hint" + sfx] = lambda x, lens, out, t=tune: gvr_topk(x, lens, k, hint=true_hint, out=out, **t)
         kernels["gvr_random_hint" + sfx] = lambda x, lens, out, t=tune: gvr_topk(x, lens, k, hint=random_hint, out=out, **t)
         kernels["gvr_no_hint" + sfx] = lambda x, lens, out, t=tune: gvr_topk(x, lens, k, out=out, **t)

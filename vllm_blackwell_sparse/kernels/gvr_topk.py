@@ -46,9 +46,10 @@ import torch
 DEFAULT_THREADS = 512  # per CTA (one CTA per row); at least BINS
 BINS = 256
 CAP_FACTOR = 3
-# Columns each lane loads before using any of them (32 * loads_in_flight per warp): the
-# row scans are latency-bound unless many independent loads are outstanding.
-DEFAULT_LOADS_IN_FLIGHT = 16
+VEC_WIDTHS = (1, 4)  # columns per load; 4: 128-bit loads, for rows that are 16-byte aligned
+# Loads each lane issues before using any of them, per load width: the row scans are
+# latency-bound unless many independent loads are outstanding.
+DEFAULT_LOADS_IN_FLIGHT = {1: 16, 4: 4}
 SUPPORTED_K = (512, 1024, 2048)
 MAX_COLS = 1 << 24  # column indices and counts stay far inside int32
 
@@ -71,14 +72,30 @@ def _kernel_module():
         key = Uint32(cutlass.select_(mag == Uint32(0), Uint32(0x80000000), key))  # -0 == +0
         return Uint32(cutlass.select_(mag > Uint32(0x7F800000), Uint32(0xFFFFFFFF), key))  # every NaN on top
 
-    def load_keys(mBits, row, first_col, col_end, loads):
-        """Keys of columns ``first_col + 32 u`` (u < loads) and whether each is
-        ``< col_end``. Loads are clamped to ``col_end - 1`` instead of branched around,
-        so all of them are issued before the first is used."""
-        last = col_end - 1
-        cols = [first_col + 32 * u for u in range(loads)]
-        raw = [mBits[row, cutlass.min(c, last)] for c in cols]
-        return [ordered_key(r) for r in raw], [c < col_end for c in cols], cols
+    def load_keys(mBits, mChunks, row, base, lane, col_end, loads, width):
+        """One lane's share of the warp's next ``32 * loads * width`` columns from
+        ``base``: ``loads`` groups; group ``u`` is the ``width`` consecutive columns
+        starting at ``base + (32 u + lane) * width`` (so the warp covers the group's
+        columns in lane order). Returns per group the keys, whether each column is
+        ``< col_end``, and the columns. Loads are clamped in bounds instead of branched
+        around, so all of them are issued before the first is used. ``width`` 4 loads
+        each group with one 128-bit access from ``mChunks`` (the row viewed as 4-column
+        chunks; needs 16-byte aligned rows)."""
+        keys, valid, cols = [], [], []
+        for u in range(loads):
+            first = base + (32 * u + lane) * width
+            if const_expr(width == 1):
+                raw = [mBits[row, cutlass.min(first, col_end - 1)]]
+            else:
+                frag = cute.make_rmem_tensor((width,), Int32)
+                chunk = cutlass.min(first, col_end - 1) // width
+                cute.autovec_copy(mChunks[None, chunk], frag)
+                raw = [frag[i] for i in range(width)]
+            cs = [first + i for i in range(width)]
+            keys.append([ordered_key(r) for r in raw])
+            valid.append([c < col_end for c in cs])
+            cols.append(cs)
+        return keys, valid, cols
 
     @cute.jit
     def warp_inclusive_scan(val, lane):
@@ -92,11 +109,13 @@ def _kernel_module():
     class GvrTopKSm90:
         """One CTA per row; see the module docstring. Also compiles for sm_100a."""
 
-        def __init__(self, k: int, has_hint: bool, use_row_slot: bool, threads: int, loads: int):
+        def __init__(self, k: int, has_hint: bool, use_row_slot: bool, threads: int, loads: int, vec_width: int):
             self.k = k
             self.threads = threads
             self.warps = threads // 32
             self.loads = loads
+            self.width = vec_width  # columns per load: 1, or 4 (128-bit loads of aligned rows)
+            self.step = 32 * loads * vec_width  # columns a warp loads per iteration
             self.cap = CAP_FACTOR * k
             self.has_hint = has_hint
             self.use_row_slot = use_row_slot
@@ -201,6 +220,9 @@ def _kernel_module():
 
             length = cutlass.min(mLens[row], mBits.shape[1])
             length = cutlass.max(length, Int32(0))
+            mChunks = mBits  # unused by width-1 loads
+            if const_expr(self.width > 1):
+                mChunks = cute.zipped_divide(mBits[row, None], (self.width,))
 
             if length <= k:
                 # Every valid column, then -1.
@@ -240,8 +262,9 @@ def _kernel_module():
                         shift += 1
                     lo = (lo >> Uint32(shift)) << Uint32(shift)
 
-                # Each warp owns columns [seg_lo, seg_hi): a multiple of 32 long.
-                seg = ((length + self.warps * 32 - 1) // (self.warps * 32)) * 32
+                # Each warp owns columns [seg_lo, seg_hi): a multiple of 32 * width long.
+                unit = 32 * self.width
+                seg = ((length + self.warps * unit - 1) // (self.warps * unit)) * unit
                 seg_lo = warp * seg
                 seg_hi = cutlass.min(seg_lo + seg, length)
 
@@ -253,16 +276,17 @@ def _kernel_module():
                         sHist[b, warp] = 0
                     cute.arch.barrier()
                     above = Int32(0)
-                    for base in cutlass.range(seg_lo, seg_hi, 32 * self.loads):
-                        keys, valid, _ = load_keys(mBits, row, base + lane, seg_hi, self.loads)
+                    for base in cutlass.range(seg_lo, seg_hi, self.step):
+                        keys, valid, _ = load_keys(mBits, mChunks, row, base, lane, seg_hi, self.loads, self.width)
                         for u in cutlass.range_constexpr(self.loads):
-                            key = keys[u]
-                            if valid[u] and key >= lo:
-                                b = (key - lo) >> Uint32(shift)
-                                if b >= Uint32(BINS):
-                                    above += 1
-                                else:
-                                    cute.arch.atomic_add(sHist.iterator + (Int32(b) + warp * BINS), Int32(1))
+                            for i in cutlass.range_constexpr(self.width):
+                                key = keys[u][i]
+                                if valid[u][i] and key >= lo:
+                                    b = (key - lo) >> Uint32(shift)
+                                    if b >= Uint32(BINS):
+                                        above += 1
+                                    else:
+                                        cute.arch.atomic_add(sHist.iterator + (Int32(b) + warp * BINS), Int32(1))
                     above_w = cute.arch.warp_reduction_sum(above)
                     if lane == 0:
                         sWarp[warp] = above_w
@@ -319,35 +343,49 @@ def _kernel_module():
                     need_ties = k - count_gt_bin
                     out_gt = base_w - tie_base_w  # keys > K* before this warp
                     tie_rank = tie_base_w
-                    for base in cutlass.range(seg_lo, seg_hi, 32 * self.loads):
-                        keys, valid, cols = load_keys(mBits, row, base + lane, seg_hi, self.loads)
+                    for base in cutlass.range(seg_lo, seg_hi, self.step):
+                        keys, valid, cols = load_keys(mBits, mChunks, row, base, lane, seg_hi, self.loads, self.width)
                         for u in cutlass.range_constexpr(self.loads):
-                            c = cols[u]
-                            is_gt = Int32(valid[u] and keys[u] > thresh)
-                            is_eq = Int32(valid[u] and keys[u] == thresh)
-                            inc_gt = warp_inclusive_scan(is_gt, lane)
-                            inc_eq = warp_inclusive_scan(is_eq, lane)
-                            if is_gt == 1:
-                                mOut[row, out_gt + inc_gt - 1] = c
-                            r = tie_rank + inc_eq - 1
-                            if is_eq == 1 and r < need_ties:
-                                mOut[row, count_gt_bin + r] = c
+                            # The lane's columns of group u are consecutive and lanes are in
+                            # column order: a scan of per-lane counts gives column-ordered slots.
+                            gt = [Int32(valid[u][i] and keys[u][i] > thresh) for i in range(self.width)]
+                            eq = [Int32(valid[u][i] and keys[u][i] == thresh) for i in range(self.width)]
+                            n_gt, n_eq = gt[0], eq[0]
+                            for i in cutlass.range_constexpr(1, self.width):
+                                n_gt += gt[i]
+                                n_eq += eq[i]
+                            inc_gt = warp_inclusive_scan(n_gt, lane)
+                            inc_eq = warp_inclusive_scan(n_eq, lane)
+                            o = out_gt + inc_gt - n_gt
+                            r = tie_rank + inc_eq - n_eq
+                            for i in cutlass.range_constexpr(self.width):
+                                if gt[i] == 1:
+                                    mOut[row, o] = cols[u][i]
+                                if eq[i] == 1 and r < need_ties:
+                                    mOut[row, count_gt_bin + r] = cols[u][i]
+                                o += gt[i]
+                                r += eq[i]
                             out_gt += cute.arch.shuffle_sync(inc_gt, 31)
                             tie_rank += cute.arch.shuffle_sync(inc_eq, 31)
                 else:
                     # ---- 3. collect survivors (key >= thresh) in column order ----
                     pos = base_w
-                    for base in cutlass.range(seg_lo, seg_hi, 32 * self.loads):
-                        keys, valid, cols = load_keys(mBits, row, base + lane, seg_hi, self.loads)
+                    for base in cutlass.range(seg_lo, seg_hi, self.step):
+                        keys, valid, cols = load_keys(mBits, mChunks, row, base, lane, seg_hi, self.loads, self.width)
                         for u in cutlass.range_constexpr(self.loads):
-                            key = keys[u]
-                            keep = Int32(valid[u] and key >= thresh)
-                            # Most 32-column chunks hold no survivor: skip their scan.
-                            if cute.arch.vote_any_sync(keep == 1):
-                                inc = warp_inclusive_scan(keep, lane)
-                                if keep == 1:
-                                    sCandKey[pos + inc - 1] = key
-                                    sCandIdx[pos + inc - 1] = cols[u]
+                            keep = [Int32(valid[u][i] and keys[u][i] >= thresh) for i in range(self.width)]
+                            n_keep = keep[0]
+                            for i in cutlass.range_constexpr(1, self.width):
+                                n_keep += keep[i]
+                            # Most groups hold no survivor: skip their scan.
+                            if cute.arch.vote_any_sync(n_keep > 0):
+                                inc = warp_inclusive_scan(n_keep, lane)
+                                o = pos + inc - n_keep
+                                for i in cutlass.range_constexpr(self.width):
+                                    if keep[i] == 1:
+                                        sCandKey[o] = keys[u][i]
+                                        sCandIdx[o] = cols[u][i]
+                                    o += keep[i]
                                 pos += cute.arch.shuffle_sync(inc, 31)
                     cute.arch.barrier()
                     n_cand = count_ge
@@ -415,13 +453,16 @@ def compile_gvr_topk(
     has_hint: bool,
     use_row_slot: bool,
     threads: int = DEFAULT_THREADS,
-    loads_in_flight: int = DEFAULT_LOADS_IN_FLIGHT,
+    loads_in_flight: int | None = None,
+    vec_width: int = 1,
 ):
     """Compile (once per variant and target arch) the kernel for ``k``.
 
     Compilation uses fake tensors with symbolic rows / columns / row stride, so one
     compiled kernel serves every shape and no GPU is needed to build it: the target is
     ``CUTE_DSL_ARCH`` when set (``sm_90a`` or ``sm_100a``), else the current GPU's.
+    ``vec_width`` 4 compiles 128-bit row loads: the logits must then be 16-byte aligned
+    with a column count and row stride divisible by 4 (:func:`gvr_topk` checks).
     """
     import cutlass
     import cutlass.cute as cute
@@ -429,14 +470,20 @@ def compile_gvr_topk(
 
     if k not in SUPPORTED_K:
         raise ValueError(f"k must be one of {SUPPORTED_K}, got {k}")
-    if threads not in (256, 512, 1024) or loads_in_flight not in (4, 8, 16, 32):
-        raise ValueError(f"threads must be 256/512/1024 and loads_in_flight 4/8/16/32, got {threads}, {loads_in_flight}")
-    key = (k, has_hint, use_row_slot, threads, loads_in_flight, _arch())
+    if loads_in_flight is None:
+        loads_in_flight = DEFAULT_LOADS_IN_FLIGHT.get(vec_width)
+    if threads not in (256, 512, 1024) or loads_in_flight not in (2, 4, 8, 16, 32) or vec_width not in VEC_WIDTHS:
+        raise ValueError(
+            f"threads must be 256/512/1024, loads_in_flight 2/4/8/16/32 and vec_width one of {VEC_WIDTHS}, "
+            f"got {threads}, {loads_in_flight}, {vec_width}"
+        )
+    key = (k, has_hint, use_row_slot, threads, loads_in_flight, vec_width, _arch())
     if key in _COMPILED:
         return _COMPILED[key]
-    op = _kernel_module()(k, has_hint, use_row_slot, threads, loads_in_flight)
-    rows, cols, stride, slots = cute.sym_int(), cute.sym_int(), cute.sym_int(), cute.sym_int()
-    bits = make_fake_tensor(cutlass.Int32, (rows, cols), stride=(stride, 1), assumed_align=4)
+    op = _kernel_module()(k, has_hint, use_row_slot, threads, loads_in_flight, vec_width)
+    rows, slots = cute.sym_int(), cute.sym_int()
+    cols, stride = cute.sym_int(divisibility=vec_width), cute.sym_int(divisibility=vec_width)
+    bits = make_fake_tensor(cutlass.Int32, (rows, cols), stride=(stride, 1), assumed_align=4 * vec_width)
     lens = make_fake_compact_tensor(cutlass.Int32, (rows,))
     hint = make_fake_compact_tensor(cutlass.Int32, (slots, k), stride_order=(1, 0))
     row_slot = make_fake_compact_tensor(cutlass.Int32, (rows,))
@@ -458,7 +505,8 @@ def gvr_topk(
     out: torch.Tensor | None = None,
     workspace: torch.Tensor | None = None,
     threads: int = DEFAULT_THREADS,
-    loads_in_flight: int = DEFAULT_LOADS_IN_FLIGHT,
+    loads_in_flight: int | None = None,
+    vec_width: int | None = None,
 ) -> torch.Tensor:
     """Exact top-k column indices of each fp32 logits row (semantics: ``reference/topk.py``).
 
@@ -469,7 +517,10 @@ def gvr_topk(
     the call allocates nothing and can be captured in a CUDA graph. ``workspace`` is
     accepted for interface compatibility and unused (all scratch is shared memory).
     ``threads`` (per CTA) and ``loads_in_flight`` (per lane) are tuning knobs; the
-    defaults are what the H200 measurements in docs/BENCHMARKS.md used.
+    defaults (``loads_in_flight`` per load width: ``DEFAULT_LOADS_IN_FLIGHT``) are what
+    the H200 measurements in docs/BENCHMARKS.md used. ``vec_width``:
+    columns per load, 4 (128-bit loads) or 1; default 4 when the rows are 16-byte
+    aligned (:func:`rows_are_16b_aligned`), else 1. The result does not depend on it.
     """
     if logits.dim() != 2 or logits.dtype != torch.float32:
         raise ValueError(f"logits must be a 2-D float32 tensor, got {tuple(logits.shape)} {logits.dtype}")
@@ -504,7 +555,14 @@ def gvr_topk(
         return out
     has_hint = table is not None
     use_row_slot = hint_table is not None
-    fn = compile_gvr_topk(k, has_hint=has_hint, use_row_slot=use_row_slot, threads=threads, loads_in_flight=loads_in_flight)
+    if vec_width is None:
+        vec_width = 4 if rows_are_16b_aligned(logits) else 1
+    elif vec_width == 4 and not rows_are_16b_aligned(logits):
+        raise ValueError("vec_width=4 needs 16-byte aligned logits rows (data pointer, row stride and columns)")
+    fn = compile_gvr_topk(
+        k, has_hint=has_hint, use_row_slot=use_row_slot, threads=threads, loads_in_flight=loads_in_flight,
+        vec_width=vec_width,
+    )
     # Without a hint (or row_slot) the kernel never reads those arguments; pass
     # well-formed stand-ins (``out`` is an int32 [*, k] tensor, ``lens`` int32 [rows])
     # so one signature serves every variant and nothing is allocated.
@@ -516,3 +574,8 @@ def gvr_topk(
         out,
     )
     return out
+
+
+def rows_are_16b_aligned(logits: torch.Tensor) -> bool:
+    """Whether every row of ``logits`` can be read in 16-byte chunks (128-bit loads)."""
+    return logits.data_ptr() % 16 == 0 and logits.stride(0) % 4 == 0 and logits.shape[1] % 4 == 0

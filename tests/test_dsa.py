@@ -16,16 +16,26 @@ from vllm_blackwell_sparse.dsa import SlotMap, cutoff_tie_rows, topk_overlap
 
 def test_slot_map_reads_a_hint_only_after_a_decode_step():
     slots = SlotMap(4)
-    # step 1: a prefills (many tokens), b decodes its first token after a 1-token chunk
-    read, write = slots.step(["a", "b"], {"a": 500, "b": 1}, [])
+    # step 1: b decodes (a 1-token row, first as vLLM orders them), a prefills
+    read, write = slots.step(["b", "a"], {"a": 500, "b": 1}, [])
     assert read == [-1, -1] and write[0] != write[1] and min(write) >= 0
+    slot_b, slot_a = write
     # step 2: both decode; only b wrote a hint in step 1
-    read2, write2 = slots.step(["b", "a"], {"a": 1, "b": 1}, [])  # the runner reordered rows
-    assert write2 == [write[1], write[0]]
-    assert read2 == [write[1], -1]
+    read2, write2 = slots.step(["a", "b"], {"a": 1, "b": 1}, [])  # rows in another order
+    assert write2 == [slot_a, slot_b]
+    assert read2 == [-1, slot_b]
     # step 3: both have written
-    read3, _ = slots.step(["a", "b"], {"a": 1, "b": 1}, [])
-    assert read3 == [write[0], write[1]]
+    read3, _ = slots.step(["b", "a"], {"a": 1, "b": 1}, [])
+    assert read3 == [slot_b, slot_a]
+
+
+def test_slot_map_a_one_token_row_after_a_longer_row_writes_no_hint():
+    # vLLM's indexer takes the decode path only for the leading run of 1-token rows; a
+    # 1-token chunk after a longer row goes through prefill and writes nothing.
+    slots = SlotMap(4)
+    slots.step(["a", "b", "c"], {"a": 1, "b": 300, "c": 1}, [])
+    read, _ = slots.step(["a", "b", "c"], {"a": 1, "b": 1, "c": 1}, [])
+    assert read[0] >= 0 and read[1] == -1 and read[2] == -1
 
 
 def test_slot_map_frees_finished_and_never_hands_out_a_stale_hint():
@@ -68,8 +78,10 @@ def test_slot_map_fuzz_invariants():
         for r, rs, ws in zip(batch, read, write):
             if rs >= 0:
                 assert rs == ws and valid_owner.get(rs) == r, "a hint read from another request's slot"
+        prefix = True
         for r, ws in zip(batch, write):
-            if ws >= 0 and tokens[r] == 1:
+            prefix = prefix and tokens[r] == 1  # only the leading 1-token rows reach the decode top-k
+            if ws >= 0 and prefix:
                 valid_owner[ws] = r
             elif ws >= 0 and valid_owner.get(ws) != r:
                 valid_owner.pop(ws, None)
@@ -156,6 +168,7 @@ def test_install_hooks_the_real_vllm_lazily():
         from vllm_blackwell_sparse import plugin
         assert plugin.register()
         assert "vllm.model_executor.layers.sparse_attn_indexer" not in sys.modules
+        assert "vllm.v1.worker.gpu_model_runner" not in sys.modules
         from vllm.config.compilation import CompilationConfig
         assert "vllm_blackwell_sparse::sparse_attn_indexer" in CompilationConfig._attention_ops
         plugin.register()  # idempotent
@@ -170,6 +183,9 @@ def test_install_hooks_the_real_vllm_lazily():
         assert ours.split("(", 1)[1] == theirs.split("(", 1)[1], (ours, theirs)
         import vllm.v1.worker.gpu_model_runner as r
         assert getattr(r.GPUModelRunner._update_states, "_vbs_wrapped", False)
+        assert getattr(r.GPUModelRunner._dummy_run, "_vbs_wrapped", False)
+        from vllm_blackwell_sparse import dsa
+        assert dsa.hook_problem() is None
         print("OK")
         """
     )
@@ -220,7 +236,36 @@ def test_hint_state_carries_each_requests_topk_to_its_next_step(monkeypatch):
             prev[r] = cur
             assert set(layer.hints[state.slots.slot_of(r)].tolist()) == cur
             lens[r] += 1
+    state.clear_rows()  # a dummy run: no row reads a hint, every row writes to the sink
+    assert state.read_slot.tolist() == [-1] * 8 and state.write_slot.tolist() == [state.num_slots] * 8
     stats = state.stats()["model.layers.0.indexer"]
     assert stats["rows"] == 6 and stats["rows_with_hint"] == 4 and stats["hint_hits"] == expected_hits == 4
     assert stats["overlap_sum"] == expected_overlap
     assert stats["cutoff_ties"] == 0
+
+
+def test_a_failed_hook_refuses_gvr_topk(monkeypatch):
+    from vllm_blackwell_sparse.config import BlackwellSparseConfig, unavailable_feature_reasons
+
+    assert unavailable_feature_reasons(BlackwellSparseConfig(gvr_topk=True)) == []
+    monkeypatch.setattr(dsa, "_hook_failures", [dsa.INDEXER_MODULE])
+    reasons = unavailable_feature_reasons(BlackwellSparseConfig(gvr_topk=True))
+    assert len(reasons) == 1 and "gvr_topk" in reasons[0] and dsa.INDEXER_MODULE in reasons[0]
+    assert unavailable_feature_reasons(BlackwellSparseConfig(gvr_topk=False)) == []
+
+
+def test_install_after_the_modules_were_imported():
+    code = textwrap.dedent(
+        """
+        import vllm.model_executor.layers.sparse_attn_indexer as m
+        import vllm.v1.worker.gpu_model_runner as r
+        from vllm_blackwell_sparse import plugin
+        assert plugin.register()
+        from vllm.model_executor.custom_op import op_registry_oot
+        assert op_registry_oot["SparseAttnIndexer"].__name__ == "GvrSparseAttnIndexer"
+        assert getattr(r.GPUModelRunner._update_states, "_vbs_wrapped", False)
+        print("OK")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]

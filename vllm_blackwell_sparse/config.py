@@ -157,7 +157,13 @@ BLASST_KERNEL_AVAILABLE = {"prefill": False, "decode": False}
 
 def unavailable_feature_reasons(cfg: BlackwellSparseConfig) -> list[str]:
     """Reasons why ``cfg`` asks for something this release cannot do (empty if fine)."""
-    reasons = []  # gvr_topk is always available: dsa.py falls back to vLLM's top-k with a warning
+    reasons = []
+    if cfg.gvr_topk:  # unsupported GPUs / k fall back with a warning; a failed hook is refused
+        from vllm_blackwell_sparse.dsa import hook_problem
+
+        problem = hook_problem()
+        if problem:
+            reasons.append(f"{CONFIG_SECTION}.gvr_topk is true but the DSA indexer hook is not installed: {problem}")
     for phase in ("prefill", "decode"):
         key = f"{phase}_threshold_scale_factor"
         if getattr(cfg, key) is not None and not BLASST_KERNEL_AVAILABLE[phase]:

@@ -22,7 +22,7 @@ How it is wired (all of it vLLM glue; the kernel knows nothing of vLLM):
 * Hint state, per process: one ``[max_num_seqs + 1, k]`` int32 table per indexer
   layer (the extra row takes padded rows' writes), plus a row -> slot map rewritten
   before every step. Memory: ``layers x (max_num_seqs + 1) x k x 4`` bytes (e.g. 61 x
-  257 x 2048 x 4 = 128 MiB for V3.2 at 256 sequences), allocated at model load, so
+  257 x 2048 x 4 B = 122 MiB for V3.2 at 256 sequences), allocated at model load, so
   vLLM's memory profiling counts it.
 * Rows find their slot by request id: after the V1 ``GPUModelRunner._update_states``
   (which condenses and reorders the batch, decode rows first) the map is rebuilt from
@@ -79,16 +79,20 @@ def install() -> None:
     with _lock:
         if _installed["done"]:
             return
+        _add_splitting_op()
+        _after_import(INDEXER_MODULE, _patch_indexer_module)
+        _after_import(RUNNER_MODULE, _patch_runner_module)
         _installed["done"] = True
-    _add_splitting_op()
-    _after_import(INDEXER_MODULE, _patch_indexer_module)
-    _after_import(RUNNER_MODULE, _patch_runner_module)
 
 
 def _add_splitting_op() -> None:
     # Piecewise CUDA graphs must run our op eagerly, like vLLM's own indexer op (its
     # Python control flow depends on the batch). The frontend copies this list into
     # ``splitting_ops`` when it builds the config, which happens after plugins load.
+    # This happens with gvr_topk off too (no config exists yet): for other models the op
+    # never appears in the graph, but the default splitting_ops (and the compile-cache
+    # hash) gain an entry, and a hand-written splitting_ops list that should count as
+    # "contains every attention op" must now include it.
     from vllm.config.compilation import CompilationConfig
 
     if QUALIFIED_OP not in CompilationConfig._attention_ops:
@@ -122,6 +126,9 @@ class _PatchingLoader(importlib.abc.Loader):
     def __init__(self, loader, patch):
         self._loader, self._patch = loader, patch
 
+    def __getattr__(self, name):  # get_source, get_resource_reader, ...: the real loader's
+        return getattr(self._loader, name)
+
     def create_module(self, spec):
         return self._loader.create_module(spec)
 
@@ -147,7 +154,21 @@ def _run_patch(patch, module) -> None:
     try:
         patch(module)
     except Exception:  # never break vLLM for users who do not use GVR
-        logger.exception("vllm-blackwell-sparse: patching %s failed; GVR top-k is unavailable", module.__name__)
+        _hook_failures.append(module.__name__)
+        logger.exception(
+            "vllm-blackwell-sparse: patching %s failed; gvr_topk=true will be IGNORED (vLLM's own top-k runs)",
+            module.__name__,
+        )
+
+
+_hook_failures: list[str] = []
+
+
+def hook_problem() -> str | None:
+    """Why ``gvr_topk`` cannot act in this process (a patch failed), or None."""
+    if _hook_failures:
+        return f"patching {', '.join(_hook_failures)} failed (logged above), so vLLM's own top-k runs"
+    return None
 
 
 # --------------------------------------------------------------------------------------
@@ -157,10 +178,15 @@ def _run_patch(patch, module) -> None:
 
 def _patch_indexer_module(mod) -> None:
     from torch.library import Library
+    from vllm.compilation.breakable_cudagraph import eager_break_during_capture
     from vllm.utils.torch_utils import _resolve_layer_name, direct_register_custom_op
 
     vllm_indexer = mod.sparse_attn_indexer  # the function vLLM's own op dispatches to
 
+    # Outermost, as on vLLM's function: under breakable CUDA graphs the op is replayed
+    # eagerly, and what is replayed must be this function (with GVR swapped in), not
+    # vLLM's inner one.
+    @eager_break_during_capture
     def gvr_sparse_attn_indexer(hidden_states, k_cache_prefix, *args, **kwargs):
         layer = _STATE.layer(_resolve_layer_name(k_cache_prefix))
         with _decode_topk_replaced_by(layer):
@@ -229,7 +255,8 @@ def _decode_topk_replaced_by(layer: "GvrLayer"):
     vLLM looks them up on ``torch.ops._C`` at call time, so swapping the attributes for
     the duration of the call is enough; they are restored even on error."""
     namespace = torch.ops._C
-    originals = {name: getattr(namespace, name) for name in VLLM_DECODE_TOPK_OPS}
+    originals = {name: getattr(namespace, name, None) for name in VLLM_DECODE_TOPK_OPS}
+    originals = {name: op for name, op in originals.items() if op is not None}  # a build without one
     for name, original in originals.items():
         setattr(namespace, name, layer.decode_topk_replacing(original))
     try:
@@ -260,9 +287,20 @@ def _patch_runner_module(mod) -> None:
             )
         return result
 
-    _update_states._vbs_wrapped = True
+    vllm_dummy_run = runner_cls._dummy_run
+
+    def _dummy_run(self, *args, **kwargs):
+        # Profiling, graph capture and idle data-parallel ranks run the model without
+        # _update_states: their rows must neither read nor overwrite real requests' hints.
+        if _STATE.active:
+            _STATE.clear_rows()
+        return vllm_dummy_run(self, *args, **kwargs)
+
+    _update_states._vbs_wrapped = _dummy_run._vbs_wrapped = True
     _update_states.__wrapped__ = vllm_update_states
+    _dummy_run.__wrapped__ = vllm_dummy_run
     runner_cls._update_states = _update_states
+    runner_cls._dummy_run = _dummy_run
     _STATE.runner_hooked = True
 
 
@@ -274,8 +312,10 @@ def _patch_runner_module(mod) -> None:
 class SlotMap:
     """Request id -> hint slot in ``[0, num_slots)``; CPU only (tested on CPU).
 
-    A slot is *valid* once its request has been through a decode step (its top-k was
-    written); until then the request reads no hint. Finished requests free their slot.
+    A slot is *valid* once its request has been through the indexer's decode top-k (its
+    top-k was written); until then the request reads no hint. Those rows are the leading
+    run of rows with one scheduled token (vLLM orders decodes first and splits decode
+    from prefill at the first longer row). Finished requests free their slot.
     When all slots are taken (more requests alive than slots, e.g. preempted ones still
     holding one), the least recently scheduled request not in the current batch loses
     its slot; a request that finds none gets no hint (``-1``), which only costs speed.
@@ -301,7 +341,9 @@ class SlotMap:
         rows = list(req_ids)
         current = {r for r in rows if r is not None}
         read, write = [], []
+        in_decode_prefix = True
         for req_id in rows:
+            in_decode_prefix = in_decode_prefix and num_scheduled_tokens.get(req_id, 0) == 1
             slot = self._slot_for(req_id, current) if req_id is not None else None
             if slot is None:
                 read.append(-1)
@@ -309,10 +351,7 @@ class SlotMap:
                 continue
             read.append(slot if self._valid[slot] else -1)
             write.append(slot)
-            # A row with one scheduled token goes through the indexer's decode top-k
-            # (vLLM splits decode and prefill at query length 1 without MTP) and so
-            # writes its hint in every layer this step.
-            if num_scheduled_tokens.get(req_id, 0) == 1:
+            if in_decode_prefix:  # goes through the decode top-k: writes its hint in every layer
                 self._valid[slot] = True
         return read, write
 
@@ -386,7 +425,7 @@ class GvrLayer:
         from vllm_blackwell_sparse.kernels.gvr_topk import gvr_topk
 
         rows = logits.shape[0]
-        if lengths.dim() == 2 and lengths.shape[1] != 1:
+        if not self.state.use_hints or (lengths.dim() == 2 and lengths.shape[1] != 1):
             # Several query tokens per request (MTP): hints are kept per request, not
             # per token, so these rows run without one.
             gvr_topk(logits, lengths, k, out=output)
@@ -422,6 +461,8 @@ class GvrHintState:
 
     def __init__(self):
         self.layers: dict[str, GvrLayer] = {}
+        self._owner = None  # the VllmConfig the layers belong to
+        self.use_hints = True
         self.active = False
         self.runner_hooked = False
         self.collect_stats = os.environ.get(STATS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
@@ -442,6 +483,9 @@ class GvrHintState:
         vllm_config = get_current_vllm_config()
         if not load_config(vllm_config).gvr_topk:
             return None
+        if self.layers and self._owner is not vllm_config:
+            self.__init__()  # another model in this process: drop the previous one's state
+        self._owner = vllm_config
         why = gvr_unsupported_reason(indexer.topk_tokens, indexer.topk_indices_buffer.device)
         if why is not None:
             _warn_once(f"gvr_topk is on but vLLM's decode top-k stays: {why}")
@@ -450,6 +494,11 @@ class GvrHintState:
         if not self.layers:
             self._allocate_shared(vllm_config.scheduler_config.max_num_seqs, indexer.topk_indices_buffer.shape[0], device)
             _compile_for(indexer.topk_tokens)
+            # With speculative decoding, decode rows are tokens, not requests (and may be
+            # flattened to one row per token), and draft layers would share the map.
+            self.use_hints = vllm_config.speculative_config is None
+            if not self.use_hints:
+                _warn_once("speculative decoding is on: GVR runs without hints (exact, slower)")
         name = indexer.k_cache.prefix
         layer = GvrLayer(self, name, indexer.topk_tokens, device)
         self.layers[name] = layer
@@ -468,8 +517,10 @@ class GvrHintState:
         self.slots = SlotMap(self.num_slots)
         self.read_slot = torch.full((max_rows,), -1, dtype=torch.int32, device=device)
         self.write_slot = torch.full((max_rows,), self.num_slots, dtype=torch.int64, device=device)  # index_copy_ index
-        # Pinned staging for the per-step copy; vLLM's synchronize_input_prep() (around
-        # _update_states) guarantees the previous step's copy finished before reuse.
+        # Pinned staging for the per-step copy. Reuse is safe: with async scheduling,
+        # synchronize_input_prep() (around _update_states) waits for the previous step's
+        # input copies; without it, each step ends with a blocking copy of the sampled
+        # tokens, after which our earlier copies have completed.
         pin = torch.device(device).type == "cuda"
         self._host_read = torch.empty(max_rows, dtype=torch.int32, device="cpu", pin_memory=pin)
         self._host_write = torch.empty(max_rows, dtype=torch.int64, device="cpu", pin_memory=pin)
@@ -486,8 +537,14 @@ class GvrHintState:
         except KeyError:
             raise RuntimeError(f"vllm-blackwell-sparse: no GVR state for indexer layer {name!r}") from None
 
+    def clear_rows(self) -> None:
+        """Every row: no hint, writes to the sink (for forwards without a scheduled batch)."""
+        self._copy_rows([], [])
+
     def on_step(self, req_ids, num_scheduled_tokens, finished) -> None:
-        read, write = self.slots.step(req_ids, num_scheduled_tokens, finished)
+        self._copy_rows(*self.slots.step(req_ids, num_scheduled_tokens, finished))
+
+    def _copy_rows(self, read: list[int], write: list[int]) -> None:
         n = min(len(read), self.max_rows)
         # Rows past the batch (CUDA-graph padding) read no hint and write to the sink slot.
         self._host_read.fill_(-1)

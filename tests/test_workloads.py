@@ -63,3 +63,18 @@ def test_markdown_table_layout():
     ]}
     table = markdown_table(res, "hot")
     assert "| 1 | 16K | 40% | 10.0 | 12.5 (inexact) |" in table
+
+
+def test_inexact_reason_names_the_failed_check():
+    from vllm_blackwell_sparse.bench.topk import inexact_reason
+
+    x = torch.arange(40, dtype=torch.float32).repeat(2, 1)
+    good = torch.arange(24, 40, dtype=torch.int32).repeat(2, 1)
+    assert inexact_reason(x, good, 16) is None
+    assert "outside" in inexact_reason(x, torch.where(good == 30, -1, good), 16)
+    dup = good.clone()
+    dup[1, 0] = dup[1, 1]
+    assert "duplicate" in inexact_reason(x, dup, 16)
+    low = good.clone()
+    low[0, 0] = 0
+    assert inexact_reason(x, low, 16) == "1 rows whose value multiset differs from torch.topk's"

@@ -191,3 +191,16 @@ def test_load_width_is_chosen_by_alignment_and_both_widths_agree_on_ties():
             assert set(out[r].tolist()) == set(ref[r].tolist()), r
     with pytest.raises(ValueError, match="vec_width=4"):
         gvr_topk(base[:, 1:], lens.clamp(max=40003), k, vec_width=4)
+
+
+@pytest.mark.parametrize("rows, n, route", [(8, 70000, "vllm_cooperative"), (40, 20000, "vllm_persistent"), (64, 65536, "gvr")])
+def test_dispatcher_routes_by_the_crossover_and_stays_exact(rows, n, route):
+    from vllm_blackwell_sparse.topk_dispatch import decode_topk
+
+    k = 2048
+    logits = torch.randn(rows, n, device="cuda")
+    lens = torch.full((rows, 1), n, dtype=torch.int32, device="cuda")
+    hint = torch.topk(logits + 0.3 * torch.randn_like(logits), k, dim=1).indices.int()
+    out = torch.full((rows, k), -1, dtype=torch.int32, device="cuda")
+    assert decode_topk(logits, lens, k, out, hint=hint) == route
+    check_rows(logits, lens, k, out)

@@ -83,18 +83,36 @@ def topk_kernels(rows: int, k: int) -> dict[str, Callable]:
     return kernels
 
 
-def exact_against_torch(x: torch.Tensor, out: torch.Tensor, k: int, want_sorted: torch.Tensor | None = None) -> bool:
-    """Indices valid and unique per row, values equal torch.topk's as multisets.
-    ``want_sorted``: torch.topk's values of ``x`` sorted per row, if already computed."""
+def dispatch_kernel(k: int, true_hint: torch.Tensor) -> Callable:
+    """``topk_dispatch.decode_topk`` (GVR or vLLM's kernel by the measured crossover)."""
+    from vllm_blackwell_sparse.topk_dispatch import decode_topk
+
+    hint = true_hint.int().contiguous()
+    ws = torch.zeros(VLLM_WORKSPACE_BYTES, dtype=torch.uint8, device="cuda")
+    return lambda x, lens, out: decode_topk(x, lens, k, out, hint=hint, workspace=ws)
+
+
+def inexact_reason(x: torch.Tensor, out: torch.Tensor, k: int, want_sorted: torch.Tensor | None = None) -> str | None:
+    """Why ``out`` is not an exact top-k of ``x`` (None if it is); for the results' notes."""
     if bool((out < 0).any()) or bool((out >= x.shape[1]).any()):
-        return False
+        return f"{int(((out < 0) | (out >= x.shape[1])).sum())} indices outside [0, N)"
     idx = out.long()
-    if bool((torch.sort(idx, 1).values.diff(dim=1) == 0).any()):
-        return False
+    dup = int((torch.sort(idx, 1).values.diff(dim=1) == 0).sum())
+    if dup:
+        return f"{dup} duplicate indices"
     got = torch.sort(x.gather(1, idx), 1).values
     if want_sorted is None:
         want_sorted = torch.sort(torch.topk(x, k, dim=1).values, 1).values
-    return bool(torch.equal(got, want_sorted))
+    bad = (got != want_sorted).any(dim=1)
+    if bool(bad.any()):
+        return f"{int(bad.sum())} rows whose value multiset differs from torch.topk's"
+    return None
+
+
+def exact_against_torch(x: torch.Tensor, out: torch.Tensor, k: int, want_sorted: torch.Tensor | None = None) -> bool:
+    """Indices valid and unique per row, values equal torch.topk's as multisets.
+    ``want_sorted``: torch.topk's values of ``x`` sorted per row, if already computed."""
+    return inexact_reason(x, out, k, want_sorted) is None
 
 
 def time_kernel(fn: Callable, x: torch.Tensor, src: torch.Tensor, lens, out, *, l2: str, iters: int, warmup: int) -> float:
@@ -178,6 +196,7 @@ def run_topk_bench(
             x = torch.empty_like(src)
             candidates = dict(gvr_kernels(k, prev_topk, n, gvr_configs)) if with_gvr else {}
             candidates.update(topk_kernels(b, k))
+            candidates["dispatch_true_hint"] = dispatch_kernel(k, prev_topk)
             for name, fn in candidates.items():
                 if kernels and name not in kernels:
                     continue
@@ -185,8 +204,10 @@ def run_topk_bench(
                 x.copy_(src)
                 fn(x, lens, out)
                 torch.cuda.synchronize()
-                row = {"kernel": name, "batch": b, "n": n, "k": k, "overlap": round(overlap, 4),
-                       "exact": exact_against_torch(src, out, k, want_sorted)}
+                why = inexact_reason(src, out, k, want_sorted)
+                row = {"kernel": name, "batch": b, "n": n, "k": k, "overlap": round(overlap, 4), "exact": why is None}
+                if why:
+                    row["inexact_reason"] = why
                 for l2 in l2_modes:
                     row[f"us_{l2}"] = round(time_kernel(fn, x, src, lens, out, l2=l2, iters=iters, warmup=warmup), 2)
                 rows_out.append(row)

@@ -7,28 +7,26 @@ padded when the row is shorter), values ordered ``NaN > +inf > ... > -inf`` with
 
 Work on the 32-bit *ordered key* of each value (unsigned integer order = value order):
 
-1. **Guess** from the keys at the hinted columns (the previous step's top-k): a key
-   window ``[lo, lo + 256 << shift)`` (``lo`` = their minimum, ``shift`` the smallest
-   that covers their maximum) and, from a 256-bin histogram of the hinted keys in that
-   window, ``QUANTILES`` thresholds ``T_q`` above which at least ``(q + 1) / QUANTILES``
-   of the hinted keys lie. Without a valid hint the window is the whole key range.
-2. **Verify**, fast path: one pass over the row counts ``key >= T_q`` for every ``q`` in
-   registers; the highest ``T_q`` with ``k <= count <= cap`` is the threshold (with a
-   good hint, the first pass settles it). Otherwise (a misleading hint) the histogram
-   path: keys above the window are counted in registers, keys inside it go to per-warp
-   256-bin shared-memory histograms, which give ``count(key >= boundary)`` for 257
-   thresholds at once; the chosen threshold ``T`` is the highest bin boundary with
-   ``count >= k``. If that count exceeds the candidate capacity the window narrows to
-   that bin (``shift -= 8``) and the pass repeats; if no boundary crosses ``k`` it widens
-   to the whole range. At most 5 such passes.
+1. **Guess** a key window ``[lo, lo + 256 << shift)`` from the keys at the hinted
+   columns (the previous step's top-k): ``lo`` = their minimum, ``shift`` the
+   smallest that covers their maximum. With ``k`` distinct valid hints at least ``k``
+   keys are ``>= lo``, so the k-th largest key lies in the window. Without a valid
+   hint the window is the whole key range (a radix pass).
+2. **Verify** with one counting pass over the row: keys above the window are counted
+   in registers; keys inside it go to per-warp 256-bin shared-memory histograms.
+   The bins give ``count(key >= boundary)`` for 257 thresholds at once; the chosen
+   threshold ``T`` is the highest bin boundary with ``count >= k``. If that count
+   exceeds the candidate capacity the window narrows to that bin (``shift -= 8``)
+   and the pass repeats; if no bin boundary crosses ``k`` (fewer than ``k`` keys at
+   or above the window, or ``k`` above it: a misleading hint) it widens to the whole
+   range. At most 5 passes; a good hint needs one.
 3. **Collect** the survivors ``key >= T`` into shared memory. Each warp owns a
    contiguous segment of the row, so its survivor count is known from its own
    histogram: warp offsets are an exclusive scan of those counts and, inside a warp,
    lane offsets a shuffle scan. No ballots, no per-element atomics, and candidates
    land in column order (which makes the tie rule a "first come" rule).
 4. **Refine** exactly in shared memory: radix-select the k-th largest key ``K*``
-   among the survivors (only the ``shift`` low bits are unknown; all 32 after the fast
-   path), then write every
+   among the survivors (only the ``shift`` low bits are unknown), then write every
    survivor above ``K*`` and the first ``k - count(> K*)`` equal to it. When the
    window has narrowed to single keys (``shift == 0``), ``K*`` is known and the row
    is emitted directly from global memory, so tie blocks larger than the capacity
@@ -36,6 +34,11 @@ Work on the 32-bit *ordered key* of each value (unsigned integer order = value o
 
 Rows are read with 128-bit loads when they are 16-byte aligned (``vec_width`` 4).
 Shared memory: 1 KiB of histogram per warp + 8 bytes per candidate (capacity ``3 k``).
+
+Where the time goes (H200): the row passes are instruction-bound, about 20 µs per pass
+over 128K columns for one CTA. Counting ``key >= T_q`` for 8 hint quantiles in registers
+instead of the histogram pass was exact but 10-15% slower (more instructions per column),
+so the histogram pass stays; speed at small batches needs several CTAs per row.
 The kernel does not synchronise with the host and allocates nothing: it can be
 captured in a CUDA graph.
 """
@@ -49,7 +52,6 @@ import torch
 DEFAULT_THREADS = 512  # per CTA (one CTA per row); at least BINS
 BINS = 256
 CAP_FACTOR = 3
-QUANTILES = 8  # hint-quantile thresholds counted in the fast verify pass
 VEC_WIDTHS = (1, 4)  # columns per load; 4: 128-bit loads, for rows that are 16-byte aligned
 # Loads each lane issues before using any of them, per load width: the row scans are
 # latency-bound unless many independent loads are outstanding.
@@ -221,8 +223,6 @@ def _kernel_module():
             sWarpTie = smem.allocate_tensor(Int32, cute.make_layout(self.warps), 16)
             sSuffix = smem.allocate_tensor(Int32, cute.make_layout(BINS + 1), 16)  # count(key >= bin b)
             sPick = smem.allocate_tensor(Int32, cute.make_layout(4), 16)
-            sQThr = smem.allocate_tensor(Uint32, cute.make_layout(QUANTILES), 16)  # hint-quantile thresholds
-            sQCnt = smem.allocate_tensor(Int32, cute.make_layout((self.warps, QUANTILES)), 16)  # per-warp counts
 
             length = cutlass.min(mLens[row], mBits.shape[1])
             length = cutlass.max(length, Int32(0))
@@ -274,81 +274,8 @@ def _kernel_module():
                 seg_lo = warp * seg
                 seg_hi = cutlass.min(seg_lo + seg, length)
 
-                # ---- 2a. verify, fast path: count(key >= T_q) for the hint's quantiles ----
-                # T_q is where at least (q + 1) / QUANTILES of the hinted keys lie above.
-                # One pass of register counters (no shared-memory traffic per key); the
-                # highest T_q with k <= count <= cap is the threshold. Windows placed at
-                # the hint's minimum hold a large share of the row, which made the
-                # histogram pass below costly; it remains for hints that miss.
-                fast = Int32(0)
-                fast_q = Int32(0)
-                fast_count = Int32(0)
-                if const_expr(self.has_hint):
-                    if nvalid > 0:
-                        for b in cutlass.range(tidx, BINS, self.threads):
-                            sSuffix[b] = 0
-                        cute.arch.barrier()
-                        if slot >= 0 and slot < mHint.shape[0]:
-                            per = -(-k // self.threads)
-                            js = [tidx + u * self.threads for u in range(per)]
-                            cols = [mHint[slot, cutlass.min(j, Int32(k - 1))] for j in js]
-                            raw = [mBits[row, cutlass.max(cutlass.min(c, length - 1), Int32(0))] for c in cols]
-                            for u in cutlass.range_constexpr(per):
-                                if js[u] < k and cols[u] >= 0 and cols[u] < length:
-                                    b = Int32((ordered_key(raw[u]) - lo) >> Uint32(shift))
-                                    cute.arch.atomic_add(sSuffix.iterator + b, Int32(1))
-                        cute.arch.barrier()
-                        # Thread t holds bin BINS-1-t: the scan is a suffix count of hinted keys.
-                        v = Int32(0)
-                        if tidx < BINS:
-                            v = sSuffix[BINS - 1 - tidx]
-                        excl, _ = self.block_exclusive_scan(v, sRed, tidx)
-                        if tidx < BINS:
-                            for q in cutlass.range_constexpr(QUANTILES):
-                                target = (nvalid * (q + 1) + QUANTILES - 1) // QUANTILES
-                                if excl + v >= target and excl < target:
-                                    sQThr[q] = lo + (Uint32(BINS - 1 - tidx) << Uint32(shift))
-                        cute.arch.barrier()
-                        t0, t1, t2, t3 = sQThr[0], sQThr[1], sQThr[2], sQThr[3]
-                        t4, t5, t6, t7 = sQThr[4], sQThr[5], sQThr[6], sQThr[7]
-                        c0, c1, c2, c3 = Int32(0), Int32(0), Int32(0), Int32(0)
-                        c4, c5, c6, c7 = Int32(0), Int32(0), Int32(0), Int32(0)
-                        for base in cutlass.range(seg_lo, seg_hi, self.step):
-                            keys, valid, _ = load_keys(mBits, mChunks, row, base, lane, seg_hi, self.loads, self.width)
-                            for u in cutlass.range_constexpr(self.loads):
-                                for i in cutlass.range_constexpr(self.width):
-                                    # Invalid columns get key 0, below every threshold but
-                                    # T = 0 (the hint's minimum bin at the bottom of the range).
-                                    key = Uint32(cutlass.select_(valid[u][i], keys[u][i], Uint32(0)))
-                                    ok = Int32(valid[u][i])
-                                    c0 += Int32(key >= t0) & ok
-                                    c1 += Int32(key >= t1) & ok
-                                    c2 += Int32(key >= t2) & ok
-                                    c3 += Int32(key >= t3) & ok
-                                    c4 += Int32(key >= t4) & ok
-                                    c5 += Int32(key >= t5) & ok
-                                    c6 += Int32(key >= t6) & ok
-                                    c7 += Int32(key >= t7) & ok
-                        counts = [c0, c1, c2, c3, c4, c5, c6, c7]
-                        for q in cutlass.range_constexpr(QUANTILES):
-                            cq = cute.arch.warp_reduction_sum(counts[q])
-                            if lane == 0:
-                                sQCnt[warp, q] = cq
-                        cute.arch.barrier()
-                        # The highest threshold (lowest q) whose count reaches k.
-                        fast_q = Int32(-1)
-                        for q in cutlass.range_constexpr(QUANTILES):
-                            total = Int32(0)
-                            for w in cutlass.range_constexpr(self.warps):
-                                total += sQCnt[w, q]
-                            if fast_q < 0 and total >= k:
-                                fast_q = Int32(q)
-                                fast_count = total
-                        if fast_q >= 0 and fast_count <= cap:
-                            fast = Int32(1)
-
-                # ---- 2b. verify: histogram passes until k <= count(>= T) <= cap ----
-                done = fast
+                # ---- 2. verify: histogram passes until k <= count(>= T) <= cap ----
+                done = Int32(0)
                 thr_bin = Int32(0)
                 while done == 0:
                     for b in cutlass.range(lane, BINS, 32):
@@ -399,21 +326,12 @@ def _kernel_module():
                 thresh = lo + (Uint32(thr_bin) << Uint32(shift))
                 count_ge = sPick[1]
                 count_gt_bin = sPick[2]  # keys above the chosen bin
+                # Per-warp survivor counts from the warp's own histogram.
                 mine = Int32(0)
-                ties_w = Int32(0)
-                if fast == 1:
-                    # Survivors are every key >= T_q: refine over all 32 key bits.
-                    thresh = sQThr[fast_q]
-                    count_ge = fast_count
-                    count_gt_bin = Int32(0)
-                    shift = Int32(32)
-                    mine = sQCnt[warp, fast_q]
-                else:
-                    # Per-warp survivor counts from the warp's own histogram.
-                    for b in cutlass.range(thr_bin + lane, BINS, 32):
-                        mine += sHist[b, warp]
-                    mine = cute.arch.warp_reduction_sum(mine) + sWarp[warp]
-                    ties_w = sHist[thr_bin, warp]
+                for b in cutlass.range(thr_bin + lane, BINS, 32):
+                    mine += sHist[b, warp]
+                mine = cute.arch.warp_reduction_sum(mine) + sWarp[warp]
+                ties_w = sHist[thr_bin, warp]
                 cute.arch.barrier()
                 if lane == 0:
                     sWarp[warp] = mine
@@ -480,8 +398,6 @@ def _kernel_module():
 
                     # ---- 4. refine: radix-select K* among the low `shift` bits ----
                     prefix = thresh
-                    if shift >= 32:
-                        prefix = Uint32(0)  # no known high bits
                     need = k - count_gt_bin  # rank of K* inside the chosen bin
                     s = shift
                     while s > 0:
@@ -493,9 +409,7 @@ def _kernel_module():
                         cute.arch.barrier()
                         for i in cutlass.range(tidx, n_cand, self.threads):
                             key = sCandKey[i]
-                            # s == 32: every candidate matches (a 32-bit shift is undefined).
-                            sh = Uint32(cutlass.min(s, Int32(31)))
-                            if s >= 32 or (key >> sh) == (prefix >> sh):
+                            if (key >> Uint32(s)) == (prefix >> Uint32(s)):
                                 d = Int32((key >> Uint32(d_shift)) & Uint32(nb - 1))
                                 cute.arch.atomic_add(sSuffix.iterator + d, Int32(1))
                         cute.arch.barrier()

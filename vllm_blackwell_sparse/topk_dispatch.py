@@ -1,0 +1,61 @@
+"""Decode top-k dispatcher: GVR where it measured faster than vLLM's own kernel, vLLM's elsewhere.
+
+The crossover comes from ``vbs bench topk`` on the H200 (docs/BENCHMARKS.md, DSA-like
+traces, k = 2048): GVR, one CTA per row, beats vLLM's choice (cooperative top-k up to 32
+rows, persistent above) only with at least 64 rows of at least 64K columns; below that
+vLLM's kernels, which spread a row over many CTAs, are faster. Other GPUs have no
+measurement, so they always get vLLM's kernel. vLLM glue: it calls ``torch.ops._C``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+GVR_MIN_ROWS = 64
+GVR_MIN_COLS = 64 * 1024
+# The GVR tuning that was fastest from 64K columns up (1024 threads, 4 x 128-bit loads).
+GVR_TUNING = {"threads": 1024, "loads_in_flight": 4}
+MEASURED_CAPABILITIES = ((9, 0),)  # where the crossover above was measured
+VLLM_TOPK_WORKSPACE_BYTES = 1024 * 1024  # vLLM 0.26's RADIX_TOPK_WORKSPACE_SIZE
+
+
+def prefer_gvr(rows: int, cols: int, k: int, capability: tuple[int, int]) -> bool:
+    """Whether GVR is the faster kernel for ``rows`` x ``cols`` logits (the measured crossover)."""
+    from vllm_blackwell_sparse.kernels.gvr_topk import SUPPORTED_K
+
+    return capability in MEASURED_CAPABILITIES and k in SUPPORTED_K and rows >= GVR_MIN_ROWS and cols >= GVR_MIN_COLS
+
+
+def decode_topk(
+    logits: torch.Tensor,
+    seq_lens: torch.Tensor,
+    k: int,
+    out: torch.Tensor,
+    *,
+    hint: torch.Tensor | None = None,
+    hint_table: torch.Tensor | None = None,
+    row_slot: torch.Tensor | None = None,
+    workspace: torch.Tensor | None = None,
+) -> str:
+    """Exact decode top-k into ``out`` (int32 ``[rows, k]``) by the faster kernel; returns
+    ``"gvr"``, ``"vllm_cooperative"`` or ``"vllm_persistent"``. The hint only serves GVR.
+    vLLM's kernels need a 1 MiB uint8 ``workspace``; without one it is allocated (not
+    capture-safe). Results are the same set either way, except that ties at the cutoff
+    may be broken differently (GVR: lower index; vLLM: arrival order)."""
+    rows, cols = logits.shape
+    if prefer_gvr(rows, cols, k, torch.cuda.get_device_capability(logits.device)):
+        from vllm_blackwell_sparse.kernels.gvr_topk import gvr_topk
+
+        gvr_topk(logits, seq_lens, k, hint=hint, hint_table=hint_table, row_slot=row_slot, out=out, **GVR_TUNING)
+        return "gvr"
+    import vllm._custom_ops  # noqa: F401  (registers torch.ops._C)
+
+    if workspace is None:
+        workspace = torch.zeros(VLLM_TOPK_WORKSPACE_BYTES, dtype=torch.uint8, device=logits.device)
+    lens = seq_lens if seq_lens.dim() == 2 else seq_lens.reshape(-1, 1)
+    # vLLM's indexer uses the cooperative kernel up to 32 rows when rows are 16-byte aligned.
+    if rows <= 32 and logits.stride(0) % 4 == 0:
+        torch.ops._C.cooperative_topk(logits, lens, out, workspace, k, cols)
+        return "vllm_cooperative"
+    torch.ops._C.persistent_topk(logits, lens, out, workspace, k, cols)
+    return "vllm_persistent"

@@ -52,7 +52,9 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-logger = logging.getLogger("vllm_blackwell_sparse")
+# A child of vLLM's "vllm" logger: these lines come from vLLM's worker processes, where
+# only that logger has a handler (ours would drop INFO), and read like vLLM's own.
+logger = logging.getLogger("vllm.blackwell_sparse.dsa")
 
 INDEXER_MODULE = "vllm.model_executor.layers.sparse_attn_indexer"
 RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"

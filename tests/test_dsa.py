@@ -264,8 +264,36 @@ def test_install_after_the_modules_were_imported():
         from vllm.model_executor.custom_op import op_registry_oot
         assert op_registry_oot["SparseAttnIndexer"].__name__ == "GvrSparseAttnIndexer"
         assert getattr(r.GPUModelRunner._update_states, "_vbs_wrapped", False)
+        assert getattr(r.GPUModelRunner._dummy_run, "_vbs_wrapped", False)
         print("OK")
         """
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_a_speculative_drafter_shares_the_targets_state_and_another_model_does_not():
+    # vLLM 0.26 builds the drafter under dataclasses-style replace(target_config, ...)
+    # (llm_base_proposer._create_draft_vllm_config): a new config object holding the
+    # target's model_config. Resetting there dropped the target's layers.
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Config:
+        model_config: object
+        speculative_config: object = None
+
+    target = Config(model_config=object())
+    drafter = dataclasses.replace(target, speculative_config="mtp")
+    assert drafter is not target
+    assert not dsa.belongs_to_another_model(target, drafter)
+    assert not dsa.belongs_to_another_model(None, target)
+    assert dsa.belongs_to_another_model(target, Config(model_config=object()))
+
+
+def test_reset_keeps_the_runner_hook():
+    state = dsa.GvrHintState()
+    state.runner_hooked = True
+    state.layers["x"] = None
+    state.reset()
+    assert state.runner_hooked and state.layers == {}

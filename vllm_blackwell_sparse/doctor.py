@@ -66,7 +66,7 @@ def kernel_availability(gpu: dict) -> dict[str, str]:
     for phase in ("prefill", "decode"):
         out[f"BLASST {phase}"] = "available" if BLASST_KERNEL_AVAILABLE[phase] else "not in this release"
     if gpu["cuda"] and gpu["capability"][0] in (9, 10):
-        gvr = "available (exact; opt-in with gvr_topk for the DeepSeek-V3.2 indexer; slower than vLLM's own top-k below 64 rows x 128K)"
+        gvr = "available (exact; opt-in with gvr_topk for the DeepSeek-V3.2 indexer; slower than vLLM's own top-k below 64 rows x 64K)"
         if importlib.util.find_spec("cutlass") is None:
             gvr = "unavailable: the CuTe DSL (nvidia-cutlass-dsl) is not installed"
     else:

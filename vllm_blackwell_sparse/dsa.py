@@ -167,9 +167,11 @@ _hook_failures: list[str] = []
 
 
 def hook_problem() -> str | None:
-    """Why ``gvr_topk`` cannot act in this process (a patch failed), or None."""
+    """Why ``gvr_topk`` cannot fully act in this process (a patch failed), or None."""
+    if INDEXER_MODULE in _hook_failures:
+        return f"patching {INDEXER_MODULE} failed (logged above), so vLLM's own top-k runs"
     if _hook_failures:
-        return f"patching {', '.join(_hook_failures)} failed (logged above), so vLLM's own top-k runs"
+        return f"patching {', '.join(_hook_failures)} failed (logged above), so GVR runs without hints"
     return None
 
 
@@ -485,9 +487,10 @@ class GvrHintState:
         vllm_config = get_current_vllm_config()
         if not load_config(vllm_config).gvr_topk:
             return None
-        if self.layers and self._owner is not vllm_config:
-            self.__init__()  # another model in this process: drop the previous one's state
-        self._owner = vllm_config
+        if self.layers and belongs_to_another_model(self._owner, vllm_config):
+            self.reset()  # another model in this process: drop the previous one's state
+        if self._owner is None:
+            self._owner = vllm_config
         why = gvr_unsupported_reason(indexer.topk_tokens, indexer.topk_indices_buffer.device)
         if why is not None:
             _warn_once(f"gvr_topk is on but vLLM's decode top-k stays: {why}")
@@ -512,6 +515,12 @@ class GvrHintState:
                 ", statistics on" if self.collect_stats else "",
             )
         return layer
+
+    def reset(self) -> None:
+        """Forget the layers, slots and buffers (the runner hook stays installed)."""
+        hooked = self.runner_hooked
+        self.__init__()
+        self.runner_hooked = hooked
 
     def _allocate_shared(self, max_num_seqs: int, max_rows: int, device) -> None:
         self.num_slots = max_num_seqs
@@ -573,6 +582,13 @@ class GvrHintState:
 
 
 _STATE = GvrHintState()
+
+
+def belongs_to_another_model(owner, vllm_config) -> bool:
+    """Whether ``vllm_config`` builds a different model than ``owner`` did. A speculative
+    drafter is built under a copy of the target's config (same ``model_config``) and
+    shares the target's state; a second ``LLM`` in the process has its own."""
+    return owner is not None and getattr(owner, "model_config", None) is not getattr(vllm_config, "model_config", None)
 
 
 def gvr_stats(reset: bool = False) -> dict[str, dict[str, float]]:

@@ -20,7 +20,9 @@ VLLM_TOPK_WORKSPACE_BYTES = 1024 * 1024  # vLLM 0.26's RADIX_TOPK_WORKSPACE_SIZE
 
 
 def prefer_gvr(rows: int, cols: int, k: int, capability: tuple[int, int]) -> bool:
-    """Whether GVR is the faster kernel for ``rows`` x ``cols`` logits (the measured crossover)."""
+    """Whether GVR is the faster kernel for ``rows`` x ``cols`` logits (the measured crossover).
+    ``cols`` is the logits' width; the benchmark's rows were that long. With rows much
+    shorter than the width (vLLM's logits are ``max_model_len`` wide) the rule is untested."""
     from vllm_blackwell_sparse.kernels.gvr_topk import SUPPORTED_K
 
     return capability in MEASURED_CAPABILITIES and k in SUPPORTED_K and rows >= GVR_MIN_ROWS and cols >= GVR_MIN_COLS
@@ -37,25 +39,29 @@ def decode_topk(
     row_slot: torch.Tensor | None = None,
     workspace: torch.Tensor | None = None,
 ) -> str:
-    """Exact decode top-k into ``out`` (int32 ``[rows, k]``) by the faster kernel; returns
-    ``"gvr"``, ``"vllm_cooperative"`` or ``"vllm_persistent"``. The hint only serves GVR.
-    vLLM's kernels need a 1 MiB uint8 ``workspace``; without one it is allocated (not
-    capture-safe). Results are the same set either way, except that ties at the cutoff
-    may be broken differently (GVR: lower index; vLLM: arrival order)."""
+    """Decode top-k into ``out`` (int32 ``[rows, k]``) by the faster kernel, choosing
+    among vLLM's as its 0.26 indexer does; returns ``"gvr"``, ``"vllm_cooperative"``,
+    ``"vllm_persistent"`` or ``"vllm_per_row"``. The hint only serves GVR. vLLM's
+    radix kernels need a 1 MiB uint8 ``workspace``; without one it is allocated (not
+    capture-safe). GVR is exact (ties: lower index); vLLM's kernels break ties in arrival
+    order and were not exact on every row of our traces (docs/BENCHMARKS.md)."""
     rows, cols = logits.shape
-    if prefer_gvr(rows, cols, k, torch.cuda.get_device_capability(logits.device)):
-        from vllm_blackwell_sparse.kernels.gvr_topk import gvr_topk
+    capability = torch.cuda.get_device_capability(logits.device)
+    if prefer_gvr(rows, cols, k, capability):
+        from vllm_blackwell_sparse.kernels.gvr_topk import gvr_topk, rows_are_16b_aligned
 
-        gvr_topk(logits, seq_lens, k, hint=hint, hint_table=hint_table, row_slot=row_slot, out=out, **GVR_TUNING)
+        tuning = GVR_TUNING if rows_are_16b_aligned(logits) else {}  # measured with 128-bit loads only
+        gvr_topk(logits, seq_lens, k, hint=hint, hint_table=hint_table, row_slot=row_slot, out=out, **tuning)
         return "gvr"
     import vllm._custom_ops  # noqa: F401  (registers torch.ops._C)
 
-    if workspace is None:
-        workspace = torch.zeros(VLLM_TOPK_WORKSPACE_BYTES, dtype=torch.uint8, device=logits.device)
-    lens = seq_lens if seq_lens.dim() == 2 else seq_lens.reshape(-1, 1)
-    # vLLM's indexer uses the cooperative kernel up to 32 rows when rows are 16-byte aligned.
-    if rows <= 32 and logits.stride(0) % 4 == 0:
-        torch.ops._C.cooperative_topk(logits, lens, out, workspace, k, cols)
-        return "vllm_cooperative"
-    torch.ops._C.persistent_topk(logits, lens, out, workspace, k, cols)
-    return "vllm_persistent"
+    if capability >= (9, 0) and capability[0] != 12 and k in (512, 1024, 2048):
+        if workspace is None:
+            workspace = torch.zeros(VLLM_TOPK_WORKSPACE_BYTES, dtype=torch.uint8, device=logits.device)
+        if rows <= 32 and logits.stride(0) % 4 == 0:
+            torch.ops._C.cooperative_topk(logits, seq_lens, out, workspace, k, cols)
+            return "vllm_cooperative"
+        torch.ops._C.persistent_topk(logits, seq_lens, out, workspace, k, cols)
+        return "vllm_persistent"
+    torch.ops._C.top_k_per_row_decode(logits, 1, seq_lens, out, rows, logits.stride(0), logits.stride(1), k)
+    return "vllm_per_row"

@@ -176,7 +176,7 @@ def test_tunings_are_exact(threads, loads, vec_width):
             assert torch.equal(out, gvr_topk(logits, lens, k, hint=h, vec_width=1)), seed
 
 
-def test_load_width_is_chosen_by_alignment_and_both_widths_agree_on_ties():
+def test_load_width_is_chosen_by_alignment_and_both_widths_are_exact_on_ties():
     from vllm_blackwell_sparse.kernels.gvr_topk import rows_are_16b_aligned
 
     k = 1024

@@ -78,3 +78,27 @@ def test_inexact_reason_names_the_failed_check():
     low = good.clone()
     low[0, 0] = 0
     assert inexact_reason(x, low, 16) == "1 rows whose value multiset differs from torch.topk's"
+
+
+def test_calibrated_factor_reaches_the_target_sparsity_and_is_minimal():
+    from vllm_blackwell_sparse.reference import blasst_attention_reference
+    from vllm_blackwell_sparse.workloads import (
+        CASE_TENSORS,
+        PeakedAttentionParams,
+        calibrate_threshold_factor,
+        peaked_attention_case,
+    )
+
+    case = peaked_attention_case([4096, 3000], [1, 1], 8, 2, 64, 16, PeakedAttentionParams(peak=9.0, seed=3))
+    args = [case[n] for n in CASE_TENSORS]
+    for target in (0.5, 0.7):
+        factor, res = calibrate_threshold_factor(case, target, kv_tile_size=128)
+        assert factor is not None and res.sparsity >= target
+        again = blasst_attention_reference(*args, threshold_scale_factor=factor, kv_tile_size=128)
+        assert again.skipped_tiles == res.skipped_tiles, "the returned result is the oracle's at that factor"
+        below = blasst_attention_reference(*args, threshold_scale_factor=factor * 0.999, kv_tile_size=128)
+        assert below.sparsity < target, "a slightly smaller factor must miss the target"
+    # Unreachable: every eligible tile skipped is impossible with noise this strong.
+    flat = peaked_attention_case([2048], [1], 4, 1, 64, 16, PeakedAttentionParams(peak=0.0, heavy_hitters=0, seed=1))
+    factor, res = calibrate_threshold_factor(flat, 1.0)
+    assert factor is None and res.sparsity < 1.0

@@ -103,6 +103,47 @@ def peaked_attention_case(
     }
 
 
+CASE_TENSORS = ("q", "k_cache", "v_cache", "block_table", "cu_seqlens_q", "seq_lens")
+
+
+def calibrate_threshold_factor(case: dict, target_sparsity: float, *, iters: int = 40, **oracle_kwargs):
+    """The smallest BLASST threshold scale factor at which the oracle skips at least
+    ``target_sparsity`` of the eligible tiles of ``case`` (a ``peaked_attention_case``),
+    and the oracle's result there; ``(None, result at the largest factor)`` when no
+    factor reaches it. For benchmarks that compare kernels at given sparsities.
+
+    Bisection on ``log(factor)`` over ``(0, min kv_len)``: from ``kv_len`` up λ >= 1 and
+    nothing is skipped. Skipping a tile leaves the running max lower, so sparsity is not
+    guaranteed monotone in the factor; the returned result is always the oracle's own
+    at the returned factor, so the reported sparsity is what that factor gives.
+    ``oracle_kwargs`` go to ``blasst_attention_reference`` (tile size, splits, order).
+    """
+    from vllm_blackwell_sparse.reference import blasst_attention_reference
+
+    if not 0.0 < target_sparsity <= 1.0:
+        raise ValueError(f"target_sparsity must be in (0, 1], got {target_sparsity}")
+    args = [case[name] for name in CASE_TENSORS]
+
+    def run(factor):
+        return blasst_attention_reference(*args, threshold_scale_factor=factor, **oracle_kwargs)
+
+    hi = float(case["seq_lens"].min()) * (1.0 - 1e-6)  # λ just below 1 for the shortest request
+    best = run(hi)
+    if best.sparsity < target_sparsity:
+        return None, best
+    lo = 1e-6
+    for _ in range(iters):
+        mid = math.sqrt(lo * hi)
+        res = run(mid)
+        if res.sparsity >= target_sparsity:
+            hi, best = mid, res
+        else:
+            lo = mid
+        if hi / lo < 1.0 + 1e-4:
+            break
+    return hi, best
+
+
 def random_topk_rows(rows: int, n: int, *, seed: int = 0, device: str | torch.device = "cpu") -> torch.Tensor:
     """N(0, 1) fp32 logits ``[rows, n]``."""
     g = torch.Generator().manual_seed(seed)

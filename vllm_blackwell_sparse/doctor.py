@@ -111,6 +111,16 @@ def run_doctor() -> int:
         except Exception as e:  # noqa: BLE001
             ok = False
             print(f"  register()       FAILED: {type(e).__name__}: {e}")
+        from vllm_blackwell_sparse import dsa
+
+        problem = dsa.hook_problem()
+        if problem:
+            ok = False
+            print(f"  DSA indexer hook FAILED: {problem}")
+        elif dsa.is_installed():
+            print("  DSA indexer hook armed (GVR replaces DeepSeek-V3.2's decode top-k when gvr_topk is true)")
+        else:
+            print("  DSA indexer hook not armed (register() did not complete)")
     try:
         from vllm_blackwell_sparse.config import load_config
 
@@ -122,4 +132,5 @@ def run_doctor() -> int:
     for name, state in kernel_availability(gpu).items():
         print(f"    {name:52s} {state}")
     print("  usage            vllm serve MODEL --attention-backend CUSTOM   |   LLM(MODEL, attention_backend='CUSTOM')")
+    print("                   DeepSeek-V3.2 GVR top-k: vllm serve MODEL --additional-config '{\"blackwell_sparse\": {\"gvr_topk\": true}}'")
     return 0 if ok else 1

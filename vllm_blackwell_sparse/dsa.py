@@ -87,6 +87,11 @@ def install() -> None:
         _installed["done"] = True
 
 
+def is_installed() -> bool:
+    """Whether :func:`install` completed in this process."""
+    return _installed["done"]
+
+
 def _add_splitting_op() -> None:
     # Piecewise CUDA graphs must run our op eagerly, like vLLM's own indexer op (its
     # Python control flow depends on the batch). The frontend copies this list into

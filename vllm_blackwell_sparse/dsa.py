@@ -41,7 +41,6 @@ kernels (a sort and a top-k per layer): for tests and calibration, not serving.
 from __future__ import annotations
 
 import importlib.abc
-import importlib.util
 import logging
 import os
 import sys

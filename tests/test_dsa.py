@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from vllm_blackwell_sparse import dsa
-from vllm_blackwell_sparse.dsa import SlotMap, cutoff_tie_rows, topk_overlap
+from vllm_blackwell_sparse.dsa import SlotMap, cutoff_tie_rows
+from vllm_blackwell_sparse.workloads import topk_overlap_counts
 
 
 def test_slot_map_reads_a_hint_only_after_a_decode_step():
@@ -95,7 +96,7 @@ def test_topk_overlap_counts_common_indices():
     prev[3, 10:] = -1  # short rows: -1 padding never counts
     cur[3, 20:] = -1
     cur[5] = prev[5].flip(0)
-    got = topk_overlap(prev, cur)
+    got = topk_overlap_counts(prev, cur)
     for r in range(rows):
         a = {int(x) for x in prev[r] if x >= 0}
         b = {int(x) for x in cur[r] if x >= 0}

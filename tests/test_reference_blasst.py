@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vllm_blackwell_sparse.reference import blasst_attention_reference, blasst_log_lambda, paged_attention_dense
-from vllm_blackwell_sparse.workloads import PeakedAttentionParams, make_paged_kv, peaked_attention_case
+from vllm_blackwell_sparse.workloads import CASE_TENSORS, PeakedAttentionParams, make_paged_kv, peaked_attention_case
 
 
 def random_case(seed):
@@ -28,7 +28,7 @@ def random_case(seed):
     return dict(q=q, k_cache=k, v_cache=v, block_table=table, cu_seqlens_q=cu, seq_lens=torch.tensor(seq_lens)), rng
 
 
-ARGS = ("q", "k_cache", "v_cache", "block_table", "cu_seqlens_q", "seq_lens")
+ARGS = CASE_TENSORS
 
 
 def args_of(case):

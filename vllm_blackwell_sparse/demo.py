@@ -180,11 +180,11 @@ def cpu_demo() -> int:
         paged_attention_dense,
         topk_reference,
     )
-    from vllm_blackwell_sparse.workloads import PeakedAttentionParams, peaked_attention_case, random_topk_rows
+    from vllm_blackwell_sparse.workloads import CASE_TENSORS, PeakedAttentionParams, peaked_attention_case, random_topk_rows
 
     print("BLASST oracle: decode, 2 requests x 8K context, GQA 8/2, d 64, tile 128, peaked attention")
     case = peaked_attention_case([8192, 6000], [1, 1], 8, 2, 64, 16, PeakedAttentionParams(peak=9.0))
-    args = [case[k] for k in ("q", "k_cache", "v_cache", "block_table", "cu_seqlens_q", "seq_lens")]
+    args = [case[k] for k in CASE_TENSORS]
     dense = paged_attention_dense(*args)
     print(f"  {'scale factor':>12s} {'skipped/eligible':>17s} {'sparsity':>9s} {'max |out - dense|':>18s}")
     for factor in (None, 1.0, 10.0, 100.0, 1000.0):

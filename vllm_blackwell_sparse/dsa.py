@@ -402,15 +402,12 @@ class GvrLayer:
         if state.collect_stats:  # counters, and each slot's sequence length at its last write
             self.stats = torch.zeros(len(STAT_FIELDS), dtype=torch.int64, device=device)
             self.hint_len = torch.zeros(state.num_slots + 1, dtype=torch.int32, device=device)
-        self._warned: set[str] = set()
 
     def decode_topk_replacing(self, vllm_op):
         def decode_topk(logits, lengths, output, workspace, k, max_seq_len):
             why = self._why_not_gvr(logits, lengths, output, k)
             if why is not None:
-                if why not in self._warned:
-                    self._warned.add(why)
-                    logger.warning("vllm-blackwell-sparse: layer %s uses vLLM's decode top-k: %s", self.name, why)
+                _warn_once(f"layer {self.name} uses vLLM's decode top-k: {why}")
                 return vllm_op(logits, lengths, output, workspace, k, max_seq_len)
             self.run(logits, lengths, output, k)
 
@@ -451,7 +448,9 @@ class GvrLayer:
         hinted = live & (read >= 0)
         slot = read.clamp(min=0).long()
         hit = hinted & (self.hint_len[slot] == lengths - 1)
-        overlap = topk_overlap(self.hints[slot], output)
+        from vllm_blackwell_sparse.workloads import topk_overlap_counts
+
+        overlap = topk_overlap_counts(self.hints[slot], output)
         ties = cutoff_tie_rows(logits, lengths, self.k)
         self.stats += torch.stack(
             [
@@ -639,17 +638,6 @@ def _warn_once(message: str) -> None:
 # --------------------------------------------------------------------------------------
 # Statistics helpers (plain torch, capture-safe; CPU-tested)
 # --------------------------------------------------------------------------------------
-
-
-def topk_overlap(previous: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
-    """|previous ∩ current| per row for two ``[rows, k]`` index sets (``-1`` = empty).
-    Each row of each set is duplicate-free, so duplicates in the concatenation are
-    exactly the common indices."""
-    both = torch.cat([previous, current], dim=1).to(torch.int64)
-    filler = -2 - torch.arange(both.shape[1], device=both.device)  # distinct, never a column
-    both = torch.where(both < 0, filler, both)
-    ordered = both.sort(dim=1).values
-    return (ordered[:, 1:] == ordered[:, :-1]).sum(dim=1)
 
 
 def cutoff_tie_rows(logits: torch.Tensor, lengths: torch.Tensor, k: int) -> torch.Tensor:

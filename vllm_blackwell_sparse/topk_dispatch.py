@@ -53,8 +53,17 @@ def decode_topk(
         tuning = GVR_TUNING if rows_are_16b_aligned(logits) else {}  # measured with 128-bit loads only
         gvr_topk(logits, seq_lens, k, hint=hint, hint_table=hint_table, row_slot=row_slot, out=out, **tuning)
         return "gvr"
+    return vllm_decode_topk(logits, seq_lens, k, out, workspace=workspace)
+
+
+def vllm_decode_topk(
+    logits: torch.Tensor, seq_lens: torch.Tensor, k: int, out: torch.Tensor, *, workspace: torch.Tensor | None = None
+) -> str:
+    """vLLM's decode top-k kernel, chosen as vLLM 0.26's DSA indexer chooses it; returns its name."""
     import vllm._custom_ops  # noqa: F401  (registers torch.ops._C)
 
+    rows, cols = logits.shape
+    capability = torch.cuda.get_device_capability(logits.device)
     if capability >= (9, 0) and capability[0] != 12 and k in (512, 1024, 2048):
         if workspace is None:
             workspace = torch.zeros(VLLM_TOPK_WORKSPACE_BYTES, dtype=torch.uint8, device=logits.device)

@@ -254,8 +254,17 @@ def dsa_decode_trace(
 
 def topk_overlap(prev: torch.Tensor, cur: torch.Tensor) -> float:
     """Mean over rows of |prev ∩ cur| / k for index sets ``[rows, k]`` (-1 entries ignored)."""
-    total = 0.0
-    for a, b in zip(prev.tolist(), cur.tolist()):
-        sa, sb = {i for i in a if i >= 0}, {i for i in b if i >= 0}
-        total += len(sa & sb) / max(1, len(sb))
-    return total / max(1, prev.shape[0])
+    valid = (cur >= 0).sum(dim=1).clamp(min=1).double()
+    return float((topk_overlap_counts(prev, cur).double() / valid).sum()) / max(1, prev.shape[0])
+
+
+def topk_overlap_counts(previous: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    """|previous ∩ current| per row of two ``[rows, k]`` index sets (``-1`` = empty), in
+    plain torch ops (capture-safe; the DSA hook's statistics use it inside CUDA graphs).
+    Each row of a top-k set is duplicate-free, so duplicates in the concatenation are
+    exactly the common indices."""
+    both = torch.cat([previous, current], dim=1).to(torch.int64)
+    filler = -2 - torch.arange(both.shape[1], device=both.device)  # distinct, never a column
+    both = torch.where(both < 0, filler, both)
+    ordered = both.sort(dim=1).values
+    return (ordered[:, 1:] == ordered[:, :-1]).sum(dim=1)

@@ -28,7 +28,6 @@ from vllm_blackwell_sparse.workloads import DSA_TRACE_PRESETS, DsaTraceParams, d
 
 DEFAULT_BATCHES = (1, 8, 32, 64, 128)
 DEFAULT_NS = (16384, 32768, 65536, 131072)
-VLLM_WORKSPACE_BYTES = 1024 * 1024  # RADIX_TOPK_WORKSPACE_SIZE of vLLM 0.26's indexer
 FLUSH_BYTES = 256 * 1024 * 1024
 SPIN_CYCLES = 200_000  # ~100 µs at the H200's clock
 
@@ -53,11 +52,14 @@ def gvr_kernels(k: int, true_hint: torch.Tensor, n: int, configs=((512, 16),)) -
 
 
 def topk_kernels(rows: int, k: int) -> dict[str, Callable]:
-    """Baselines as ``fn(logits, seq_lens_2d, out_int32) -> None``; vLLM's choice mirrors
-    its indexer (cooperative for <= 32 rows, persistent otherwise)."""
+    """Baselines as ``fn(logits, seq_lens_2d, out_int32) -> None``; vLLM's choice is the
+    kernel its indexer picks (``topk_dispatch.vllm_decode_topk``: cooperative for <= 32
+    aligned rows, persistent otherwise, on the H200)."""
     import vllm._custom_ops  # noqa: F401  (loads torch.ops._C)
 
-    ws = torch.zeros(VLLM_WORKSPACE_BYTES, dtype=torch.uint8, device="cuda")
+    from vllm_blackwell_sparse.topk_dispatch import VLLM_TOPK_WORKSPACE_BYTES, vllm_decode_topk
+
+    ws = torch.zeros(VLLM_TOPK_WORKSPACE_BYTES, dtype=torch.uint8, device="cuda")
 
     def cooperative(x, lens, out):
         torch.ops._C.cooperative_topk(x, lens, out, ws, k, x.shape[1])
@@ -76,7 +78,7 @@ def topk_kernels(rows: int, k: int) -> dict[str, Callable]:
     def torch_topk(x, lens, out):
         out.copy_(torch.topk(x, k, dim=1).indices)
 
-    kernels = {"vllm_choice": cooperative if rows <= 32 else persistent}
+    kernels = {"vllm_choice": lambda x, lens, out: vllm_decode_topk(x, lens, k, out, workspace=ws)}
     if rows <= 32:
         kernels["vllm_cooperative"] = cooperative
     kernels.update(vllm_persistent=persistent, vllm_per_row=per_row, flashinfer_top_k=flashinfer_top_k, torch_topk=torch_topk)
@@ -85,10 +87,10 @@ def topk_kernels(rows: int, k: int) -> dict[str, Callable]:
 
 def dispatch_kernel(k: int, true_hint: torch.Tensor) -> Callable:
     """``topk_dispatch.decode_topk`` (GVR or vLLM's kernel by the measured crossover)."""
-    from vllm_blackwell_sparse.topk_dispatch import decode_topk
+    from vllm_blackwell_sparse.topk_dispatch import VLLM_TOPK_WORKSPACE_BYTES, decode_topk
 
     hint = true_hint.int().contiguous()
-    ws = torch.zeros(VLLM_WORKSPACE_BYTES, dtype=torch.uint8, device="cuda")
+    ws = torch.zeros(VLLM_TOPK_WORKSPACE_BYTES, dtype=torch.uint8, device="cuda")
     return lambda x, lens, out: decode_topk(x, lens, k, out, hint=hint, workspace=ws)
 
 

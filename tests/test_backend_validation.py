@@ -70,10 +70,24 @@ def test_refused_with_a_reason(overrides, fragment):
     assert any(fragment in r for r in got), got
 
 
-def test_blasst_factor_without_kernel_is_refused_at_startup(monkeypatch):
-    monkeypatch.setenv("VBS_DECODE_THRESHOLD_SCALE_FACTOR", "20")
+def test_blasst_prefill_factor_without_kernel_is_refused_at_startup(monkeypatch):
+    monkeypatch.setenv("VBS_PREFILL_THRESHOLD_SCALE_FACTOR", "20")
     got = reasons()
-    assert any("decode_threshold_scale_factor" in r and "no BLASST decode kernel" in r for r in got), got
+    assert any("prefill_threshold_scale_factor" in r and "no BLASST prefill kernel" in r for r in got), got
+
+
+def test_blasst_decode_factor_is_accepted_for_its_shapes(monkeypatch):
+    monkeypatch.setenv("VBS_DECODE_THRESHOLD_SCALE_FACTOR", "20")
+    for head_size in (64, 128):
+        for dtype in (torch.float16, torch.bfloat16):
+            assert reasons(head_size=head_size, dtype=dtype, block_size=16) == []
+
+
+@pytest.mark.parametrize("head_size,dtype", [(96, torch.bfloat16), (256, torch.bfloat16), (128, torch.float32)])
+def test_blasst_decode_factor_refuses_other_shapes(monkeypatch, head_size, dtype):
+    monkeypatch.setenv("VBS_DECODE_THRESHOLD_SCALE_FACTOR", "20")
+    got = reasons(head_size=head_size, dtype=dtype)
+    assert any("decode_threshold_scale_factor" in r and str(head_size) in r for r in got), got
 
 
 def test_gvr_topk_is_accepted_with_our_backend(monkeypatch):

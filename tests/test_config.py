@@ -110,7 +110,7 @@ def test_load_config_through_vllms_current_config_context():
 
 def test_blasst_without_kernel_is_refused_not_silently_dense():
     assert unavailable_feature_reasons(BlackwellSparseConfig()) == []
-    reasons = unavailable_feature_reasons(BlackwellSparseConfig(decode_threshold_scale_factor=20.0))
-    assert len(reasons) == 1 and "decode_threshold_scale_factor" in reasons[0] and "no BLASST decode kernel" in reasons[0]
+    # Decode has a kernel since 0.3.0; prefill has none yet and is refused.
+    assert unavailable_feature_reasons(BlackwellSparseConfig(decode_threshold_scale_factor=20.0)) == []
     reasons = unavailable_feature_reasons(BlackwellSparseConfig(prefill_threshold_scale_factor=20.0))
-    assert "prefill_threshold_scale_factor" in reasons[0]
+    assert len(reasons) == 1 and "prefill_threshold_scale_factor" in reasons[0] and "no BLASST prefill kernel" in reasons[0]

@@ -28,3 +28,47 @@ def test_gvr_topk_rejects_unsupported_k():
 
     with pytest.raises(ValueError, match="k must be one of"):
         compile_gvr_topk(100, has_hint=False, use_row_slot=False)
+
+
+COMPILE_DECODE = """
+import torch
+from vllm_blackwell_sparse.kernels.blasst_decode import compile_blasst_combine, compile_blasst_decode
+for head_dim, group, next_n, block_size, dtype in (
+    (128, 4, 1, 16, torch.bfloat16), (128, 8, 1, 64, torch.bfloat16), (64, 4, 2, 16, torch.float16),
+    (128, 8, 3, 128, torch.float16),
+):
+    for has_threshold, count, final in ((False, False, False), (True, True, False), (True, False, True)):
+        compile_blasst_decode(head_dim=head_dim, group=group, next_n=next_n, block_size=block_size, dtype=dtype,
+                              has_threshold=has_threshold, count_skips=count, final_output=final,
+                              record_decisions=count)
+    compile_blasst_combine(head_dim=head_dim, dtype=dtype)
+print("compiled")
+"""
+
+
+@pytest.mark.parametrize("arch", ["sm_90a", "sm_100a"])
+def test_blasst_decode_compiles(arch):
+    env = {**__import__("os").environ, "CUTE_DSL_ARCH": arch}
+    out = subprocess.run([sys.executable, "-c", COMPILE_DECODE], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0 and "compiled" in out.stdout, (out.stdout + out.stderr)[-4000:]
+
+
+@pytest.mark.parametrize(
+    "kwargs,fragment",
+    [
+        (dict(head_dim=96), "head_dim must be one of"),
+        (dict(dtype=__import__("torch").float32), "dtype must be one of"),
+        (dict(next_n=9), "next_n"),
+        (dict(block_size=24), "block_size must be a multiple of 16"),
+    ],
+)
+def test_blasst_decode_rejects_unsupported_shapes(kwargs, fragment):
+    import torch
+
+    from vllm_blackwell_sparse.kernels.blasst_decode import compile_blasst_decode
+
+    args = dict(head_dim=128, group=4, next_n=1, block_size=16, dtype=torch.bfloat16, has_threshold=False,
+                count_skips=False, final_output=False)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=fragment):
+        compile_blasst_decode(**args)

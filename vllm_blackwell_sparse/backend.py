@@ -2,8 +2,10 @@
 
 Backend / metadata builder / impl, in vLLM 0.26's shape. This layer knows vLLM's
 backend API and configuration and launches kernels; it contains no kernel code.
-Dense prefill and decode both run FlashAttention-4 (CuTe DSL, vendored by vLLM as
-``vllm.vllm_flash_attn.cute``) on the paged KV cache.
+Prefill runs FlashAttention-4 (CuTe DSL, vendored by vLLM as
+``vllm.vllm_flash_attn.cute``) on the paged KV cache. Decode runs FA4 too, unless
+``decode_threshold_scale_factor`` is set: then the decode rows run our BLASST decode
+kernel (``kernels/blasst_decode.py``) on the same cache.
 
 GPU-only modules are imported inside the functions that need them: this module is
 imported in vLLM's API-server process and on machines without CUDA.
@@ -44,6 +46,10 @@ SUPPORTED_HEAD_SIZES = {9: tuple(range(32, 257, 8)), 10: tuple(range(32, 129, 8)
 # on the H200, docs/BENCHMARKS.md), so 128-token blocks are preferred.
 PREFERRED_BLOCK_SIZE = 128
 KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")
+# The BLASST decode kernel's shapes (kernels/blasst_decode.py).
+BLASST_DECODE_HEAD_SIZES = (64, 128)
+BLASST_DECODE_DTYPES = (torch.float16, torch.bfloat16)
+BLASST_DECODE_MAX_QUERY_LEN = 8
 
 
 class BlackwellSparseBackend(AttentionBackend):
@@ -131,7 +137,14 @@ class BlackwellSparseBackend(AttentionBackend):
                 f"supported: multiples of 8 from {sizes[0]} to {sizes[-1]}"
             )
         try:
-            reasons += unavailable_feature_reasons(load_config())
+            cfg = load_config()
+            reasons += unavailable_feature_reasons(cfg)
+            if cfg.decode_threshold_scale_factor is not None:
+                if head_size not in BLASST_DECODE_HEAD_SIZES or dtype not in BLASST_DECODE_DTYPES:
+                    reasons.append(
+                        f"decode_threshold_scale_factor is set, but the BLASST decode kernel supports head_size "
+                        f"{BLASST_DECODE_HEAD_SIZES} and dtype float16/bfloat16, got {head_size} / {dtype}"
+                    )
         except ConfigError as e:
             reasons.append(str(e))
         return "; ".join(reasons) or None
@@ -153,6 +166,9 @@ class BlackwellSparseMetadata:
     num_decode_tokens: int = 0
     num_prefills: int = 0
     num_prefill_tokens: int = 0
+    # Query tokens of every decode request when they are all equal (the BLASST decode
+    # kernel's uniform ``next_n``), else 0.
+    decode_query_len: int = 0
 
 
 class BlackwellSparseMetadataBuilder(AttentionMetadataBuilder[BlackwellSparseMetadata]):
@@ -179,6 +195,14 @@ class BlackwellSparseMetadataBuilder(AttentionMetadataBuilder[BlackwellSparseMet
         num_decodes, num_prefills, num_decode_tokens, num_prefill_tokens = split_decodes_and_prefills(
             cm, decode_threshold=self.reorder_batch_threshold
         )
+        decode_query_len = 0
+        if num_decodes:
+            # Under full CUDA graphs vLLM pads the batch with requests of 0 query tokens
+            # and seq_len 0 at the end; the kernel writes zeros for those.
+            lens = cm.query_start_loc_cpu[1:num_decodes + 1] - cm.query_start_loc_cpu[:num_decodes]
+            real = int((lens > 0).sum())
+            if real and bool((lens[:real] == lens[0]).all()) and (real == num_decodes or not num_prefills):
+                decode_query_len = int(lens[0])
         return BlackwellSparseMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             max_query_len=cm.max_query_len,
@@ -191,6 +215,7 @@ class BlackwellSparseMetadataBuilder(AttentionMetadataBuilder[BlackwellSparseMet
             num_decode_tokens=num_decode_tokens,
             num_prefills=num_prefills,
             num_prefill_tokens=num_prefill_tokens,
+            decode_query_len=decode_query_len,
         )
 
     def update_block_table(self, metadata, blk_table, slot_mapping):
@@ -283,21 +308,85 @@ class BlackwellSparseImpl(AttentionImpl[BlackwellSparseMetadata]):
             raise NotImplementedError("fused output quantization is not supported by the CUSTOM backend")
         if attn_metadata is None:  # vLLM's memory-profiling run
             return output.fill_(0)
-        n = attn_metadata.num_actual_tokens
+        m = attn_metadata
+        n = m.num_actual_tokens
         key_cache, value_cache = kv_cache.unbind(0)
+        if self.config.decode_threshold_scale_factor is not None and m.num_decodes:
+            if self._blasst_decode_ok(m, query.dtype, query.shape[0]):
+                return self._forward_blasst_decode(query, key_cache, value_cache, m, output)
         fa4_paged_attention(
             query[:n],
             key_cache,
             value_cache,
             out=output[:n],
-            cu_seqlens_q=attn_metadata.query_start_loc,
-            seq_lens=attn_metadata.seq_lens,
-            block_table=attn_metadata.block_table,
-            max_query_len=attn_metadata.max_query_len,
-            max_seq_len=attn_metadata.max_seq_len,
+            cu_seqlens_q=m.query_start_loc,
+            seq_lens=m.seq_lens,
+            block_table=m.block_table,
+            max_query_len=m.max_query_len,
+            max_seq_len=m.max_seq_len,
             softmax_scale=self.scale,
         )
         return output
+
+    def _blasst_decode_ok(self, m: BlackwellSparseMetadata, dtype: torch.dtype, query_rows: int) -> bool:
+        """Whether this batch's decode rows can run the BLASST kernel; if not, the whole
+        batch runs dense FA4 and a one-time warning says why."""
+        why = None
+        if m.decode_query_len == 0:
+            why = "decode requests with different query lengths in one batch"
+        elif m.num_decodes * m.decode_query_len > query_rows:
+            why = "fewer query rows than padded decode requests"
+        elif m.decode_query_len > BLASST_DECODE_MAX_QUERY_LEN:
+            why = f"{m.decode_query_len} query tokens per decode request (at most {BLASST_DECODE_MAX_QUERY_LEN})"
+        elif self.head_size not in BLASST_DECODE_HEAD_SIZES or dtype not in BLASST_DECODE_DTYPES:
+            why = f"head_size {self.head_size} / dtype {dtype}"
+        if why:
+            _warn_once(f"BLASST decode falls back to dense FA4 for some batches: {why}")
+            return False
+        return True
+
+    def _forward_blasst_decode(self, query, key_cache, value_cache, m: BlackwellSparseMetadata, output):
+        """Decode rows (the batch is reordered decode-first) through the BLASST decode
+        kernel, the prefill rows, if any, through FA4."""
+        from vllm_blackwell_sparse.kernels.blasst_decode import blasst_decode
+
+        b = m.num_decodes
+        nd = b * m.decode_query_len  # padding requests (CUDA graphs) included: they get zeros
+        blasst_decode(
+            query[:nd],
+            key_cache,
+            value_cache,
+            m.block_table[:b],
+            m.seq_lens[:b],
+            softmax_scale=self.scale,
+            threshold_scale_factor=self.config.decode_threshold_scale_factor,
+            max_seq_len=m.max_seq_len,
+            out=output[:nd],
+        )
+        if m.num_prefills:
+            n = m.num_actual_tokens
+            fa4_paged_attention(
+                query[nd:n],
+                key_cache,
+                value_cache,
+                out=output[nd:n],
+                cu_seqlens_q=m.query_start_loc[b:] - nd,
+                seq_lens=m.seq_lens[b:],
+                block_table=m.block_table[b:],
+                max_query_len=m.max_query_len,
+                max_seq_len=m.max_seq_len,
+                softmax_scale=self.scale,
+            )
+        return output
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
 
 
 def fa4_unavailable_reason() -> str | None:

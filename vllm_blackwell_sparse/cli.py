@@ -1,4 +1,4 @@
-"""The ``vbs`` command: ``vbs doctor``, ``vbs demo``, ``vbs bench topk|dsa``."""
+"""The ``vbs`` command: ``vbs doctor``, ``vbs demo``, ``vbs bench topk|dsa|decode``."""
 
 from __future__ import annotations
 
@@ -46,6 +46,16 @@ def main(argv: list[str] | None = None) -> int:
     dsa.add_argument("--num-prompts", type=int, default=40, help="requests of the token-comparison generation")
     dsa.add_argument("--eager", action="store_true", help="enforce_eager (default: vLLM's CUDA graphs)")
     dsa.add_argument("--out", default="benchmarks/results/dsa_gvr.json")
+    dec = bench_sub.add_parser("decode", help="BLASST decode vs FA3 / FA4 on a peaked synthetic paged cache")
+    dec.add_argument("--batches", type=ints, default=(1, 8, 32, 64))
+    dec.add_argument("--contexts", type=ints, default=(8192, 32768, 65536, 131072))
+    dec.add_argument("--gqa", type=lambda s: tuple(tuple(int(v) for v in c.split("/")) for c in s.split(",")),
+                     default=((32, 8), (64, 8)), help="QHEADS/KVHEADS, comma-separated")
+    dec.add_argument("--pages", type=ints, default=(16, 64))
+    dec.add_argument("--sparsities", type=lambda s: tuple(float(v) for v in s.split(",")), default=(0.5, 0.7, 0.9))
+    dec.add_argument("--iters", type=int, default=15)
+    dec.add_argument("--warmup", type=int, default=3)
+    dec.add_argument("--out", default="benchmarks/results/blasst_decode.json")
     args = parser.parse_args(argv)
 
     if args.command == "doctor":
@@ -61,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
             num_prompts=args.num_prompts, prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, json_path=args.json_path
         )
     if args.command == "bench":
+        if args.bench == "decode":
+            from vllm_blackwell_sparse.bench import decode as bench_decode
+
+            return bench_decode.main(args)
         if args.bench == "dsa":
             from vllm_blackwell_sparse.bench import dsa as bench_dsa
 

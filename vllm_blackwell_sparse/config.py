@@ -152,7 +152,7 @@ def load_config(vllm_config: Any | None = None) -> BlackwellSparseConfig:
 
 # Which BLASST phases have a kernel in this release. A phase asked for without one is
 # refused at startup: never a silently dense result.
-BLASST_KERNEL_AVAILABLE = {"prefill": False, "decode": False}
+BLASST_KERNEL_AVAILABLE = {"prefill": False, "decode": True}
 
 
 def unavailable_feature_reasons(cfg: BlackwellSparseConfig) -> list[str]:

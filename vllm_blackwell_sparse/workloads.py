@@ -144,6 +144,60 @@ def calibrate_threshold_factor(case: dict, target_sparsity: float, *, iters: int
     return hi, best
 
 
+def peaked_decode_batch(
+    batch: int,
+    seq_len: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    params: PeakedAttentionParams | None = None,
+    *,
+    next_n: int = 1,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cuda",
+) -> dict:
+    """A benchmark-sized decode batch with peaked attention, generated on ``device``.
+
+    The same construction as :func:`peaked_attention_case` (attention sinks, a local
+    window and heavy hitters whose keys carry ``peak * u`` for the group direction ``u``,
+    over a N(0, 1) noise floor), but every request has ``seq_len`` keys, the tensors are
+    built on the device in ``dtype`` directly (a B64 x 128K cache is tens of GB), and the
+    block table is a random permutation of the pages. ``next_n`` query tokens per request.
+    """
+    p = params or PeakedAttentionParams()
+    g = torch.Generator(device=device).manual_seed(p.seed)
+    pages = -(-seq_len // block_size)
+    num_blocks = batch * pages + 1
+    table = torch.randperm(num_blocks, generator=g, device=device)[: batch * pages].to(torch.int32).view(batch, pages)
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=g, device=device, dtype=dtype)
+    v_cache = torch.randn(shape, generator=g, device=device, dtype=dtype)
+    u = torch.nn.functional.normalize(torch.randn(num_kv_heads, head_dim, generator=g, device=device), dim=-1)
+    grp = num_q_heads // num_kv_heads
+    q = math.sqrt(head_dim) * u.repeat_interleave(grp, 0)[None] + 0.3 * torch.randn(
+        batch * next_n, num_q_heads, head_dim, generator=g, device=device
+    )
+    peak_pos = set(range(min(p.sink_tokens, seq_len))) | set(range(max(0, seq_len - p.window), seq_len))
+    fixed = torch.tensor(sorted(peak_pos), dtype=torch.int64, device=device)
+    bump = (p.peak * u).to(dtype)
+    for b in range(batch):
+        pos = fixed
+        if p.heavy_hitters:
+            pos = torch.cat([fixed, torch.randint(0, seq_len, (p.heavy_hitters,), generator=g, device=device)])
+        blk = table[b].long()[pos // block_size]
+        k_cache[blk, pos % block_size] += bump[None]
+    return {
+        "q": q.to(dtype),
+        "k_cache": k_cache,
+        "v_cache": v_cache,
+        "block_table": table,
+        "seq_lens": torch.full((batch,), seq_len, dtype=torch.int32, device=device),
+        "cu_seqlens_q": torch.arange(0, batch * next_n + 1, next_n, dtype=torch.int32, device=device),
+        "params": asdict(p),
+    }
+
+
 def random_topk_rows(rows: int, n: int, *, seed: int = 0, device: str | torch.device = "cpu") -> torch.Tensor:
     """N(0, 1) fp32 logits ``[rows, n]``."""
     g = torch.Generator().manual_seed(seed)

@@ -34,3 +34,22 @@ def test_custom_equals_flash_attn_fa4_greedy_tokens():
     assert ours["generated_tokens"] == 8 * 48
     assert ours["tokens"] == ref["tokens"]
     assert ours["sample_text"].strip(), "the tiny tokenizer should detokenise the output"
+
+
+def test_blasst_decode_in_llm_matches_dense_at_a_negligible_threshold():
+    """CUSTOM with decode_threshold_scale_factor set runs decode rows through the BLASST
+    kernel (CUDA graphs, mixed batches). At factor 1e-4 (λ ≈ 1e-7: only tiles whose
+    weight is below e^-16 of the running max may be skipped) the greedy tokens should
+    match dense FA4 up to the kernels' different bf16 rounding."""
+    common = dict(num_prompts=8, prompt_tokens=1500, max_tokens=48, extra_llm_kwargs={"max_num_batched_tokens": 2048})
+    blasst = run_generation_subprocess(GenerationSpec(
+        backend="CUSTOM", **{**common, "extra_llm_kwargs": {
+            **common["extra_llm_kwargs"], "additional_config": {"blackwell_sparse": {"decode_threshold_scale_factor": 1e-4}}}},
+    ))
+    dense = run_generation_subprocess(GenerationSpec(backend="CUSTOM", **common))
+    agreement = token_agreement(blasst["tokens"], dense["tokens"])
+    summary = {"agreement": agreement, "blasst_tokens_per_s": blasst["tokens_per_s"], "dense_tokens_per_s": dense["tokens_per_s"]}
+    _artifact("llm_blasst_decode_vs_dense.json", summary)
+    print(summary)
+    assert blasst["generated_tokens"] == 8 * 48
+    assert agreement >= 0.9, summary

@@ -1,0 +1,177 @@
+"""BLASST decode kernel on the GPU against the torch oracle (reference/blasst.py).
+
+Same tile size, row grouping, visit order and split count as the kernel, so every skip
+decision is compared one by one: they must agree wherever the oracle's margin exceeds
+1e-3 (the others are counted and reported). Fresh random inputs for every case.
+"""
+
+import math
+import random
+
+import pytest
+import torch
+
+from vllm_blackwell_sparse import workloads as wl
+from vllm_blackwell_sparse.reference.blasst import AMBIGUOUS_MARGIN, blasst_attention_reference, paged_attention_dense
+
+bd = pytest.importorskip("vllm_blackwell_sparse.kernels.blasst_decode")
+DEV = "cuda"
+
+
+def run_case(seq_lens, next_n, hq, hkv, d, bs, splits, factor, *, seed, peak=8.0, dtype=torch.bfloat16):
+    case = wl.peaked_attention_case(
+        seq_lens, [next_n] * len(seq_lens), hq, hkv, d, bs, wl.PeakedAttentionParams(peak=peak, seed=seed),
+        dtype=dtype, device=DEV,
+    )
+    args = [case[n] for n in wl.CASE_TENSORS]
+    ref = blasst_attention_reference(
+        *args, threshold_scale_factor=factor, kv_tile_size=bd.KV_TILE, q_tile_rows=bd.Q_TILE_ROWS,
+        num_splits=splits, visit_order="ascending",
+    )
+    b = len(seq_lens)
+    row_tiles = -(-next_n * (hq // hkv) // bd.Q_TILE_ROWS)
+    decisions = torch.zeros(b, hkv * row_tiles, -(-max(seq_lens) // bd.KV_TILE), dtype=torch.int32, device=DEV)
+    counts = torch.zeros(b, 2, dtype=torch.int32, device=DEV)
+    out = bd.blasst_decode(
+        case["q"], case["k_cache"], case["v_cache"], case["block_table"], case["seq_lens"],
+        softmax_scale=1 / math.sqrt(d), threshold_scale_factor=factor, num_splits=splits,
+        skip_counts=counts, decisions=decisions,
+    )
+    return case, args, ref, out, decisions, counts, row_tiles
+
+
+def check_against_oracle(seq_lens, next_n, hq, hkv, d, bs, splits, factor, *, seed, dtype=torch.bfloat16):
+    case, args, ref, out, decisions, counts, row_tiles = run_case(
+        seq_lens, next_n, hq, hkv, d, bs, splits, factor, seed=seed, dtype=dtype
+    )
+    # Output: the oracle is fp32; the kernel rounds P to 16 bits before P.V and writes 16-bit output.
+    scale = max(1.0, ref.out.abs().max().item())
+    err = (out.float() - ref.out).abs().max().item()
+    assert err <= 2e-2 * scale, f"max abs error {err} vs oracle"
+    ambiguous = 0
+    if factor is not None and len(ref.decisions):
+        dd = ref.decisions
+        got = decisions[dd.request, dd.kv_head * row_tiles + dd.q_tile, dd.kv_tile]
+        assert bool((got != 0).all()), "an eligible tile was not visited by the kernel"
+        sure = ~(dd.margin <= AMBIGUOUS_MARGIN)
+        wrong = ((got == 2) != dd.skipped) & sure
+        assert not bool(wrong.any()), f"{int(wrong.sum())} skip decisions differ from the oracle"
+        ambiguous = int((~sure).sum())
+        skipped, eligible = counts.sum(0).tolist()
+        assert eligible == ref.eligible_tiles
+        assert abs(skipped - ref.skipped_tiles) <= ambiguous
+    else:
+        assert int(counts.abs().sum()) == 0
+    return ref, ambiguous
+
+
+CASES = [
+    # seq_lens, next_n, Hq, Hkv, D, block, splits, factor
+    ([1, 17, 300, 1000], 1, 32, 8, 128, 16, 1, None),
+    ([1, 17, 300, 1000], 1, 32, 8, 128, 16, 3, None),
+    ([33, 700, 2049], 1, 64, 8, 128, 64, 4, None),
+    ([33, 700, 2049], 1, 32, 8, 64, 16, 2, None),
+    ([5, 700, 1500], 2, 32, 8, 128, 16, 3, None),
+    ([5, 700, 1500], 3, 64, 8, 128, 32, 2, None),
+    ([2000, 3000], 1, 32, 8, 128, 16, 1, 3.0),
+    ([2000, 3000], 2, 64, 8, 128, 16, 1, 30.0),
+    ([300, 1000, 2000], 1, 32, 8, 128, 16, 3, 5.0),
+    ([300, 1000, 2000], 1, 64, 8, 128, 64, 2, 20.0),
+    ([300, 1000, 2000], 3, 64, 8, 64, 16, 3, 50.0),
+    ([3000], 1, 8, 8, 128, 16, 1, 1.0),
+    ([300, 1000, 2000], 1, 32, 4, 128, 128, 5, 0.5),
+    ([1000, 2000], 1, 32, 8, 128, 16, 2, 1e5),  # λ >= 1 for every request: nothing skipped
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"L{c[0]}-n{c[1]}-{c[2]}/{c[3]}-d{c[4]}-bs{c[5]}-S{c[6]}-f{c[7]}")
+def test_matches_oracle(case):
+    ref, _ = check_against_oracle(*case, seed=random.randrange(1 << 30))
+    if case[7] == 1e5:
+        assert ref.skipped_tiles == 0 and ref.eligible_tiles > 0
+
+
+def test_skipping_happens_and_is_bounded():
+    """Guards the test itself: the peaked cases do reach substantial sparsity."""
+    ref, _ = check_against_oracle([2000, 3000], 1, 32, 8, 128, 16, 1, 3.0, seed=random.randrange(1 << 30))
+    assert 0.3 < ref.sparsity < 1.0
+
+
+def test_fuzz_every_supported_shape():
+    rng = random.Random()
+    total_amb = 0
+    for _ in range(24):
+        d = rng.choice([64, 128])
+        hkv = rng.choice([1, 2, 8])
+        group = rng.choice([1, 4, 8, 16])
+        next_n = rng.choice([1, 1, 2, 4])
+        bs = rng.choice([16, 32, 64, 128])
+        lens = [rng.randint(next_n, 2500) for _ in range(rng.randint(1, 4))]
+        splits = rng.randint(1, 6)
+        factor = rng.choice([None, 0.5, 4.0, 40.0])
+        dtype = rng.choice([torch.bfloat16, torch.float16])
+        _, amb = check_against_oracle(lens, next_n, hkv * group, hkv, d, bs, splits, factor, seed=rng.randrange(1 << 30),
+                                      dtype=dtype)
+        total_amb += amb
+    print(f"fuzz: {total_amb} decisions within {AMBIGUOUS_MARGIN} of the threshold (not compared)")
+
+
+def test_factor_unset_equals_dense():
+    case = wl.peaked_attention_case([777, 4096, 15], [1, 1, 1], 32, 8, 128, 16, device=DEV,
+                                    params=wl.PeakedAttentionParams(seed=random.randrange(1 << 30)))
+    args = [case[n] for n in wl.CASE_TENSORS]
+    dense = paged_attention_dense(*args)
+    for splits in (1, 4, 33):
+        out = bd.blasst_decode(case["q"], case["k_cache"], case["v_cache"], case["block_table"], case["seq_lens"],
+                               softmax_scale=128 ** -0.5, num_splits=splits)
+        assert (out.float() - dense).abs().max().item() < 1e-2
+
+
+def test_zero_length_request_gives_zeros():
+    case = wl.peaked_attention_case([300, 1], [1, 1], 32, 8, 128, 16, device=DEV)
+    lens = case["seq_lens"].clone()
+    lens[1] = 0
+    out = bd.blasst_decode(case["q"], case["k_cache"], case["v_cache"], case["block_table"], lens,
+                           softmax_scale=128 ** -0.5, num_splits=3, threshold_scale_factor=2.0)
+    assert out[1].abs().max().item() == 0.0 and out[0].abs().max().item() > 0
+
+
+def test_cuda_graph_capture_and_replay():
+    b, hq, hkv, d, bs, splits = 4, 32, 8, 128, 16, 6
+    w = wl.peaked_decode_batch(b, 3000, hq, hkv, d, bs, device=DEV)
+    out = torch.empty_like(w["q"])
+    ws = bd.decode_workspace(splits, b, hq, d, DEV)
+    q = w["q"].clone()
+
+    def call():
+        bd.blasst_decode(q, w["k_cache"], w["v_cache"], w["block_table"], w["seq_lens"], softmax_scale=d ** -0.5,
+                         threshold_scale_factor=50.0, num_splits=splits, out=out, workspace=ws)
+
+    call()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    for _ in range(3):
+        q.copy_(torch.randn_like(q))  # fresh inputs at the captured address
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = bd.blasst_decode(q, w["k_cache"], w["v_cache"], w["block_table"], w["seq_lens"],
+                                 softmax_scale=d ** -0.5, threshold_scale_factor=50.0, num_splits=splits)
+        assert torch.equal(out, eager)
+
+
+@pytest.mark.parametrize(
+    "mutate,fragment",
+    [
+        (lambda a: a.update(seq_lens=a["seq_lens"].long()), "seq_lens must be int32"),
+        (lambda a: a.update(q=a["q"].float()), "share one dtype"),
+        (lambda a: a.update(q=a["q"][:3]), "not a multiple"),
+    ],
+)
+def test_bad_input_is_refused(mutate, fragment):
+    case = wl.peaked_attention_case([100, 200], [1, 1], 32, 8, 128, 16, device=DEV)
+    a = {n: case[n] for n in ("q", "k_cache", "v_cache", "block_table", "seq_lens")}
+    mutate(a)
+    with pytest.raises(ValueError, match=fragment):
+        bd.blasst_decode(a["q"], a["k_cache"], a["v_cache"], a["block_table"], a["seq_lens"], softmax_scale=0.1)

@@ -1,0 +1,629 @@
+"""BLASST paged split-KV decode attention, in CuTe DSL.
+
+Semantics are those of ``reference/blasst.py`` with ``kv_tile_size=KV_TILE``,
+``q_tile_rows=Q_TILE_ROWS``, ``visit_order="ascending"`` and the same ``num_splits``:
+queries of ``next_n`` tokens per request (causal among them), GQA-packed rows
+``r = t * G + g`` for one KV head, the request's tiles cut into ``num_splits``
+contiguous ranges, each with its own online softmax, merged by log-sum-exp.
+
+Design (one warp per CTA, one CTA per (split, KV head x row tile, request))
+---------------------------------------------------------------------------
+Decode is memory-bound, so the kernel is built around the bytes: K and V go straight
+from global memory into the registers of ``mma.sync.m16n8k16`` fragments, with 128-bit
+loads and no shared memory. That works because both products reduce over an index we
+may permute freely:
+
+* ``S = Q K^T`` reduces over the head dim. Lane ``l`` holds, for key ``l // 4`` of each
+  8-key half tile, the dims ``{32 i + 8 (l % 4) + e}``; the matching Q fragments use
+  the same permutation of the head dim, so the dot products are unchanged and each K
+  row is read as 16-byte pieces (4 lanes cover 64 contiguous bytes).
+* ``O = P V`` produces the head dim, which we may permute on output. Lane ``l`` holds
+  keys ``{2q, 2q+1, 2q+8, 2q+9}`` (``q = l % 4``, as the P fragment needs) and dims
+  ``{64 i + 8 (l // 4) + e}`` of V; its accumulator ends up holding dims
+  ``64 i + 16 q + [0, 16)``, written back with 128-bit stores.
+
+Per 16-key tile: ``S`` from the K registers, then the next tile's K loads are issued
+(they overwrite nothing still needed), then the skip decision, and only for a kept tile
+the V loads, the exponentials and ``P V``. So K runs one tile ahead while the V load of
+each tile waits for its decision, and a skipped tile reads no V byte.
+
+The skip rule is evaluated in the log2 domain: scores are ``q.k * softmax_scale *
+log2(e)``; the threshold ``log2(factor) - log2(seq_len)`` is computed per request in the
+kernel, and skipping is off for a request whose threshold is ``>= 0`` (λ >= 1). Rows
+past the packed rows (padding of the 16-row MMA tile) do not vote.
+
+Outputs: with one split the normalised output is written in the query dtype; with more,
+fp32 partial outputs and log2-domain LSEs per split, merged by the combine kernel.
+"""
+
+
+import math
+import os
+
+import torch
+
+KV_TILE = 16  # keys per tile: the unit of the skip decision
+Q_TILE_ROWS = 8  # packed query rows per warp (MMA rows 0-7; rows 8-15 are padding)
+SUPPORTED_HEAD_DIMS = (64, 128)
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
+MAX_NEXT_N = 8  # query tokens per request (spec decode verifies next_n - 1 drafts)
+DEFAULT_MIN_WARPS_PER_SM = 0  # occupancy hint to ptxas (0: none; the register count then decides)
+LOG2E = 1.4426950408889634
+
+_COMPILED: dict[tuple, object] = {}
+
+
+def _kernel_module():
+    """Build the CuTe-DSL kernel classes lazily (the DSL is imported only when needed)."""
+    import cutlass
+    import cutlass.cute as cute
+    from cutlass import Boolean, Float32, Int32, const_expr
+
+    NEG_INF = -math.inf
+
+    def quad_max(x):
+        # The 4 lanes of a quad (l // 4 equal) hold one row's scores.
+        x = cute.arch.fmax(x, cute.arch.shuffle_sync_bfly(x, offset=1))
+        return cute.arch.fmax(x, cute.arch.shuffle_sync_bfly(x, offset=2))
+
+    def quad_sum(x):
+        x = x + cute.arch.shuffle_sync_bfly(x, offset=1)
+        return x + cute.arch.shuffle_sync_bfly(x, offset=2)
+
+    class BlasstDecodeSm90:
+        """One warp per (split, KV head x 16-row tile, request); see the module docstring.
+
+        Compile-time: head dim, GQA group size, query tokens per request, page size,
+        dtype, whether a threshold is compiled in, whether skip counters are written,
+        and whether the output is final (one split) or partial.
+        """
+
+        def __init__(self, head_dim, group, next_n, block_size, dtype, has_threshold, count_skips, record_decisions,
+                     final_output, min_warps_per_sm):
+            self.d = head_dim
+            self.group = group
+            self.next_n = next_n
+            self.rows = group * next_n  # packed rows of one (request, KV head)
+            self.q_tiles = -(-self.rows // Q_TILE_ROWS)
+            self.block_size = block_size
+            self.dtype = dtype
+            self.has_threshold = has_threshold
+            self.count_skips = count_skips
+            self.record_decisions = record_decisions
+            self.min_warps_per_sm = min_warps_per_sm
+            self.final_output = final_output
+            self.k_loads = head_dim // 32  # 16-byte K loads per key and lane
+            self.k_chunks = head_dim // 16  # k16 steps of Q K^T
+            self.v_loads = head_dim // 64  # 16-byte V loads per key and lane
+            self.o_tiles = head_dim // 8  # n8 tiles of P V
+
+        @cute.jit
+        def __call__(self, mQ, mK, mV, mBlockTable, mSeqLens, mOut, mOPart, mLsePart, mCounts, mDecisions,
+                     scale_log2: Float32, log2_factor: Float32, num_splits: Int32, stream):
+            self.kernel(mQ, mK, mV, mBlockTable, mSeqLens, mOut, mOPart, mLsePart, mCounts, mDecisions,
+                        scale_log2, log2_factor, num_splits).launch(
+                grid=[num_splits, mK.shape[2] * self.q_tiles, mSeqLens.shape[0]], block=[32, 1, 1], stream=stream,
+                min_blocks_per_mp=self.min_warps_per_sm, preferred_smem_carveout=0,
+            )
+
+        @cute.kernel
+        def kernel(self, mQ, mK, mV, mBlockTable, mSeqLens, mOut, mOPart, mLsePart, mCounts, mDecisions,
+                   scale_log2: Float32, log2_factor: Float32, num_splits: Int32):
+            lane, _, _ = cute.arch.thread_idx()
+            split, head_tile, req = cute.arch.block_idx()
+            kv_head = head_tile // self.q_tiles
+            q_tile = head_tile % self.q_tiles
+            quad = lane % 4  # q in the module docstring
+            lrow = lane // 4
+
+            kv_len = mSeqLens[req]
+            # The packed row whose scores / outputs this lane holds (MMA rows 8-15 are
+            # padding: their Q is zero and their results are dropped).
+            row = q_tile * Q_TILE_ROWS + lrow
+            live = row < self.rows
+            tok = cutlass.min(row, self.rows - 1) // self.group
+            head = kv_head * self.group + cutlass.min(row, self.rows - 1) % self.group
+            token = req * self.next_n + tok
+            limit = kv_len - self.next_n + tok + 1  # keys [0, limit) are visible (causal)
+            last_tok = cutlass.min(q_tile * Q_TILE_ROWS + Q_TILE_ROWS - 1, self.rows - 1) // self.group
+            kv_end = kv_len - self.next_n + last_tok + 1
+            n_tiles = cutlass.max(kv_end + KV_TILE - 1, 0) // KV_TILE
+            per_split = (n_tiles + num_splits - 1) // num_splits
+            t_begin = split * per_split
+            t_end = cutlass.min(t_begin + per_split, n_tiles)
+
+            # Q fragments (A operand), head dim permuted as described above.
+            qv = cute.make_rmem_tensor((8, self.k_loads), self.dtype)
+            qv.fill(0.0)
+            if live:
+                qrow = cute.zipped_divide(mQ[token, head, None], (8,))
+                for i in cutlass.range_constexpr(self.k_loads):
+                    cute.autovec_copy(qrow[None, 4 * i + quad], qv[None, i])
+            qa = []
+            for c in cutlass.range_constexpr(self.k_chunks):
+                a = cute.make_rmem_tensor((8, 1, 1), self.dtype)
+                a.fill(0.0)
+                i, e = c // 2, 4 * (c % 2)
+                a[0, 0, 0] = qv[e, i]
+                a[1, 0, 0] = qv[e + 1, i]
+                a[4, 0, 0] = qv[e + 2, i]
+                a[5, 0, 0] = qv[e + 3, i]
+                qa.append(a)
+
+            # Skip threshold of this request, log2 domain; skipping is off when >= 0.
+            thr = Float32(0.0)
+            skipping = Boolean(False)
+            if const_expr(self.has_threshold):
+                thr = log2_factor - cute.math.log2(Float32(cutlass.max(kv_len, 1)), fastmath=False)
+                skipping = thr < Float32(0.0)
+
+            state = self.State(self)
+            bs = self.block_size
+            last_block = cutlass.max(kv_len - 1, 0) // bs
+            page = Int32(0)
+            page_next = Int32(0)
+            if t_begin < t_end:
+                page = mBlockTable[req, (t_begin * KV_TILE) // bs]
+                page_next = mBlockTable[req, cutlass.min(((t_begin + 1) * KV_TILE) // bs, last_block)]
+                self.load_k(mK, state.kfrag, page, (t_begin * KV_TILE) % bs, kv_head, lrow, quad)
+
+            m_run = Float32(NEG_INF)
+            l_run = Float32(0.0)
+            n_skipped = Int32(0)
+            n_eligible = Int32(0)
+            pending_a = Boolean(False)
+            pending_b = Boolean(False)
+            alpha_a = Float32(1.0)
+            alpha_b = Float32(1.0)
+            # Two tiles per iteration so the V registers of the tile in flight (A or B)
+            # and of the tile being consumed are static.
+            for t in cutlass.range(t_begin, t_end, 2, unroll=1):
+                (page, page_next, m_run, l_run, n_skipped, n_eligible, pending_a, alpha_a, pending_b) = self.tile_step(
+                    mK, mV, mBlockTable, mDecisions, state, qa, state.v_a, state.p_a, state.v_b, state.p_b,
+                    t, t_begin, req, head_tile, kv_head, lane, lrow, quad, live, limit, last_block,
+                    page, page_next, m_run, l_run, n_skipped, n_eligible, pending_b, alpha_b,
+                    scale_log2, thr, skipping,
+                )
+                if t + 1 < t_end:
+                    (page, page_next, m_run, l_run, n_skipped, n_eligible, pending_b, alpha_b, pending_a) = self.tile_step(
+                        mK, mV, mBlockTable, mDecisions, state, qa, state.v_b, state.p_b, state.v_a, state.p_a,
+                        t + 1, t_begin, req, head_tile, kv_head, lane, lrow, quad, live, limit, last_block,
+                        page, page_next, m_run, l_run, n_skipped, n_eligible, pending_a, alpha_a,
+                        scale_log2, thr, skipping,
+                    )
+            if pending_a:
+                self.consume(state, state.v_a, state.p_a, alpha_a)
+            if pending_b:
+                self.consume(state, state.v_b, state.p_b, alpha_b)
+
+            l_sum = quad_sum(l_run)
+            if const_expr(self.count_skips):
+                if lane == 0:
+                    cute.arch.atomic_add(mCounts.iterator + 2 * req, n_skipped)
+                    cute.arch.atomic_add(mCounts.iterator + 2 * req + 1, n_eligible)
+            if live:
+                self.store_row(mOut, mOPart, mLsePart, state.o, l_sum, m_run, split, token, head, quad)
+
+        class State:
+            """Register tensors of one warp (rmem; indices are static so they stay in registers)."""
+
+            def __init__(self, k):
+                self.kfrag = cute.make_rmem_tensor((8, k.k_loads, 2), k.dtype)  # K of the next tile
+                self.v_a = cute.make_rmem_tensor((8, k.v_loads, 4), k.dtype)  # V of even / odd steps
+                self.v_b = cute.make_rmem_tensor((8, k.v_loads, 4), k.dtype)
+                self.p_a = cute.make_rmem_tensor((8, 1, 1), k.dtype)  # P (A operand) waiting for its V
+                self.p_b = cute.make_rmem_tensor((8, 1, 1), k.dtype)
+                self.p_a.fill(0.0)
+                self.p_b.fill(0.0)
+                self.o = cute.make_rmem_tensor((k.o_tiles, 2), Float32)  # this lane's row of O
+                self.o.fill(0.0)
+                self.atom = cute.make_mma_atom(cute.nvgpu.warp.MmaF16BF16Op(k.dtype, Float32, (16, 8, 16)))
+
+        @cute.jit
+        def tile_step(self, mK, mV, mBlockTable, mDecisions, state, qa, v_this, p_this, v_prev, p_prev,
+                      t, t_begin, req, head_tile, kv_head, lane, lrow, quad, live, limit, last_block,
+                      page, page_next, m_run, l_run, n_skipped, n_eligible, pending_prev, alpha_prev,
+                      scale_log2, thr, skipping):
+            """Tile ``t``: scores, the next tile's K loads, the skip decision, then (kept)
+            this tile's V loads and P; then P.V of the previous kept tile, whose V has been
+            in flight meanwhile. Returns the updated scalar state."""
+            bs = self.block_size
+            s = cute.make_rmem_tensor((2, 4, 1, 1), Float32)
+            s.fill(0.0)
+            for h in cutlass.range_constexpr(2):
+                for c in cutlass.range_constexpr(self.k_chunks):
+                    b = cute.make_rmem_tensor((4, 1, 1), self.dtype)
+                    i, e = c // 2, 4 * (c % 2)
+                    for j in cutlass.range_constexpr(4):
+                        b[j, 0, 0] = state.kfrag[e + j, i, h]
+                    cute.gemm(state.atom, s[h, None, None, None], qa[c], b, s[h, None, None, None])
+
+            # K of the next tile is loaded now: nothing below needs the K registers. (Past
+            # the split's end this re-reads valid memory of the request's last page; the
+            # values are never used.) The page after that is fetched a tile ahead so K
+            # addresses never wait on the block table.
+            page_after = mBlockTable[req, cutlass.min(((t + 2) * KV_TILE) // bs, last_block)]
+            self.load_k(mK, state.kfrag, page_next, ((t + 1) * KV_TILE) % bs, kv_head, lrow, quad)
+
+            # Scale to the log2 domain, mask, row max (the 4 lanes of a quad share a row).
+            m_loc = Float32(NEG_INF)
+            for h in cutlass.range_constexpr(2):
+                for j in cutlass.range_constexpr(2):
+                    key = t * KV_TILE + 2 * quad + 8 * h + j
+                    v = Float32(cutlass.select_(key < limit, s[h, j, 0, 0] * scale_log2, Float32(NEG_INF)))
+                    s[h, j, 0, 0] = v
+                    m_loc = cute.arch.fmax(m_loc, v)
+            m_loc = quad_max(m_loc)
+
+            keep = Boolean(True)
+            if const_expr(self.has_threshold):
+                if t != t_begin:
+                    n_eligible += 1
+                    if skipping:
+                        # A row votes keep when its tile max is within the threshold of its
+                        # running max (a row that saw no key yet keeps any finite max);
+                        # padding rows do not vote.
+                        keep = cute.arch.vote_any_sync(live & (m_loc > Float32(NEG_INF)) & (m_loc - m_run >= thr))
+                        if not keep:
+                            n_skipped += 1
+                    if const_expr(self.record_decisions):
+                        if lane == 0:
+                            mDecisions[req, head_tile, t] = Int32(cutlass.select_(keep, 1, 2))
+
+            alpha = Float32(1.0)
+            if keep:
+                self.load_v(mV, v_this, page, (t * KV_TILE) % bs, kv_head, lrow, quad)
+                m_new = cute.arch.fmax(m_run, m_loc)
+                base = Float32(cutlass.select_(m_new == Float32(NEG_INF), Float32(0.0), m_new))
+                alpha = cute.math.exp2(m_run - base, fastmath=True)
+                row_sum = Float32(0.0)
+                for h in cutlass.range_constexpr(2):
+                    for j in cutlass.range_constexpr(2):
+                        pv = cute.math.exp2(s[h, j, 0, 0] - base, fastmath=True)
+                        row_sum += pv
+                        p_this[4 * h + j, 0, 0] = pv.to(self.dtype)
+                l_run = l_run * alpha + row_sum
+                m_run = m_new
+            if pending_prev:
+                self.consume(state, v_prev, p_prev, alpha_prev)
+            return page_next, page_after, m_run, l_run, n_skipped, n_eligible, keep, alpha, Boolean(False)
+
+        @cute.jit
+        def consume(self, state, v_frag, p_frag, alpha):
+            """O = O * alpha + P V for one kept tile (this lane's row; rows 8-15 dropped)."""
+            for n in cutlass.range_constexpr(self.o_tiles):
+                b = cute.make_rmem_tensor((4, 1, 1), self.dtype)
+                i, e = n // 8, n % 8
+                for j in cutlass.range_constexpr(4):
+                    b[j, 0, 0] = v_frag[e, i, j]
+                acc = cute.make_rmem_tensor((4, 1, 1), Float32)
+                acc[0, 0, 0] = state.o[n, 0] * alpha
+                acc[1, 0, 0] = state.o[n, 1] * alpha
+                acc[2, 0, 0] = Float32(0.0)
+                acc[3, 0, 0] = Float32(0.0)
+                cute.gemm(state.atom, acc, p_frag, b, acc)
+                state.o[n, 0] = acc[0, 0, 0]
+                state.o[n, 1] = acc[1, 0, 0]
+
+        @cute.jit
+        def load_k(self, mK, kfrag, page, in_page, kv_head, lrow, quad):
+            # Lane: key lrow of each 8-key half, dims {32 i + 8 quad + e}.
+            for h in cutlass.range_constexpr(2):
+                krow = cute.zipped_divide(mK[page, in_page + 8 * h + lrow, kv_head, None], (8,))
+                for i in cutlass.range_constexpr(self.k_loads):
+                    cute.autovec_copy(krow[None, 4 * i + quad], kfrag[None, i, h])
+
+        @cute.jit
+        def load_v(self, mV, vfrag, page, in_page, kv_head, lrow, quad):
+            # Lane: keys {2 quad, 2 quad + 1, 2 quad + 8, 2 quad + 9}, dims {64 i + 8 lrow + e}.
+            for j in cutlass.range_constexpr(4):
+                key = 2 * quad + (j % 2) + 8 * (j // 2)
+                vrow = cute.zipped_divide(mV[page, in_page + key, kv_head, None], (8,))
+                for i in cutlass.range_constexpr(self.v_loads):
+                    cute.autovec_copy(vrow[None, 8 * i + lrow], vfrag[None, i, j])
+
+        @cute.jit
+        def store_row(self, mOut, mOPart, mLsePart, o, l_sum, m_run, split, token, head, quad):
+            # o[n, j] holds dim 64 (n // 8) + 16 quad + 8 j + n % 8 of this lane's row.
+            inv = Float32(cutlass.select_(l_sum > Float32(0.0), Float32(1.0) / l_sum, Float32(0.0)))
+            if const_expr(self.final_output):
+                vals = cute.make_rmem_tensor((8, 2 * self.v_loads), self.dtype)
+                for n in cutlass.range_constexpr(self.o_tiles):
+                    for j in cutlass.range_constexpr(2):
+                        vals[n % 8, 2 * (n // 8) + j] = (o[n, j] * inv).to(self.dtype)
+                orow = cute.zipped_divide(mOut[token, head, None], (8,))
+                for i in cutlass.range_constexpr(self.v_loads):
+                    for j in cutlass.range_constexpr(2):
+                        cute.autovec_copy(vals[None, 2 * i + j], orow[None, 8 * i + 2 * quad + j])
+            else:
+                vals = cute.make_rmem_tensor((8, 2 * self.v_loads), Float32)
+                for n in cutlass.range_constexpr(self.o_tiles):
+                    for j in cutlass.range_constexpr(2):
+                        vals[n % 8, 2 * (n // 8) + j] = o[n, j] * inv
+                orow = cute.zipped_divide(mOPart[split, token, head, None], (8,))
+                for i in cutlass.range_constexpr(self.v_loads):
+                    for j in cutlass.range_constexpr(2):
+                        cute.autovec_copy(vals[None, 2 * i + j], orow[None, 8 * i + 2 * quad + j])
+                if quad == 0:
+                    lse = Float32(cutlass.select_(
+                        l_sum > Float32(0.0), m_run + cute.math.log2(l_sum, fastmath=True), Float32(NEG_INF)
+                    ))
+                    mLsePart[split, token, head] = lse
+
+    class BlasstCombine:
+        """Merge split partials: one CTA of ``head_dim`` threads per (token, query head)."""
+
+        def __init__(self, head_dim, dtype):
+            self.d = head_dim
+            self.dtype = dtype
+
+        @cute.jit
+        def __call__(self, mOPart, mLsePart, mOut, stream):
+            self.kernel(mOPart, mLsePart, mOut).launch(
+                grid=[mOut.shape[0], mOut.shape[1], 1], block=[self.d, 1, 1], stream=stream
+            )
+
+        @cute.kernel
+        def kernel(self, mOPart, mLsePart, mOut):
+            dim, _, _ = cute.arch.thread_idx()
+            token, head, _ = cute.arch.block_idx()
+            num_splits = mOPart.shape[0]
+            m = Float32(NEG_INF)
+            for sp in cutlass.range(num_splits, unroll=1):
+                m = cute.arch.fmax(m, mLsePart[sp, token, head])
+            base = cutlass.select_(m == Float32(NEG_INF), Float32(0.0), m)
+            acc = Float32(0.0)
+            wsum = Float32(0.0)
+            for sp in cutlass.range(num_splits, unroll=1):
+                w = cute.math.exp2(mLsePart[sp, token, head] - base, fastmath=True)
+                wsum += w
+                acc += w * mOPart[sp, token, head, dim]
+            out = Float32(cutlass.select_(wsum > Float32(0.0), acc / wsum, Float32(0.0)))
+            mOut[token, head, dim] = out.to(self.dtype)
+
+    return BlasstDecodeSm90, BlasstCombine
+
+
+def _arch() -> str:
+    override = os.environ.get("CUTE_DSL_ARCH")
+    if override:
+        return override
+    major, minor = torch.cuda.get_device_capability()
+    return f"sm_{major}{minor}a"
+
+
+def _cute_dtype(dtype: torch.dtype):
+    import cutlass
+
+    return {torch.bfloat16: cutlass.BFloat16, torch.float16: cutlass.Float16}[dtype]
+
+
+def compile_blasst_decode(
+    *,
+    head_dim: int,
+    group: int,
+    next_n: int,
+    block_size: int,
+    dtype: torch.dtype,
+    has_threshold: bool,
+    count_skips: bool,
+    final_output: bool,
+    record_decisions: bool = False,
+    min_warps_per_sm: int = DEFAULT_MIN_WARPS_PER_SM,
+):
+    """Compile (once per variant and target arch) the decode kernel.
+
+    Fake tensors with symbolic sizes and strides: one compiled kernel serves every batch,
+    cache size and split count, and no GPU is needed to build it (the target is
+    ``CUTE_DSL_ARCH`` when set, else the current GPU's).
+    """
+    import cutlass
+    import cutlass.cute as cute
+    from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream, make_fake_tensor
+
+    _check_static(head_dim, group, next_n, block_size, dtype)
+    key = ("decode", head_dim, group, next_n, block_size, dtype, has_threshold, count_skips, record_decisions,
+           final_output, min_warps_per_sm, _arch())
+    if key in _COMPILED:
+        return _COMPILED[key]
+    decode_cls, _ = _kernel_module()
+    op = decode_cls(
+        head_dim, group, next_n, block_size, _cute_dtype(dtype), has_threshold, count_skips, record_decisions, final_output,
+        min_warps_per_sm,
+    )
+    el = _cute_dtype(dtype)
+
+    def sym8():
+        # 64-bit: a layer's cache easily exceeds 2^31 elements.
+        return cute.sym_int(64, divisibility=8)
+
+    tokens, hkv, nblocks, splits, batch, max_blocks = (cute.sym_int() for _ in range(6))
+    hq = cute.sym_int()
+    q = make_fake_tensor(el, (tokens, hq, head_dim), stride=(sym8(), sym8(), 1), assumed_align=16)
+    kc = make_fake_tensor(el, (nblocks, block_size, hkv, head_dim), stride=(sym8(), sym8(), sym8(), 1), assumed_align=16)
+    vc = make_fake_tensor(el, (nblocks, block_size, hkv, head_dim), stride=(sym8(), sym8(), sym8(), 1), assumed_align=16)
+    bt = make_fake_tensor(cutlass.Int32, (batch, max_blocks), stride=(cute.sym_int(), 1), assumed_align=4)
+    lens = make_fake_compact_tensor(cutlass.Int32, (batch,))
+    out = make_fake_tensor(el, (tokens, hq, head_dim), stride=(sym8(), sym8(), 1), assumed_align=16)
+    # Own symbols: with one split the kernel writes ``out`` and a small stand-in is passed.
+    p_tokens, p_hq = cute.sym_int(), cute.sym_int()
+    o_part = make_fake_compact_tensor(cutlass.Float32, (splits, p_tokens, p_hq, head_dim), stride_order=(3, 2, 1, 0), assumed_align=16)
+    lse_part = make_fake_compact_tensor(cutlass.Float32, (splits, p_tokens, p_hq), stride_order=(2, 1, 0))
+    counts = make_fake_compact_tensor(cutlass.Int32, (cute.sym_int(),))  # [B, 2] flattened
+    decisions = make_fake_compact_tensor(cutlass.Int32, (cute.sym_int(), cute.sym_int(), cute.sym_int()), stride_order=(2, 1, 0))
+    stream = make_fake_stream(use_tvm_ffi_env_stream=True)
+    compiled = cute.compile(
+        op, q, kc, vc, bt, lens, out, o_part, lse_part, counts, decisions, cutlass.Float32(1.0), cutlass.Float32(0.0),
+        cutlass.Int32(1), stream,
+        options="--enable-tvm-ffi",
+    )
+    _COMPILED[key] = compiled
+    return compiled
+
+
+def compile_blasst_combine(*, head_dim: int, dtype: torch.dtype):
+    import cutlass
+    import cutlass.cute as cute
+    from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream, make_fake_tensor
+
+    key = ("combine", head_dim, dtype, _arch())
+    if key in _COMPILED:
+        return _COMPILED[key]
+    _, combine_cls = _kernel_module()
+    op = combine_cls(head_dim, _cute_dtype(dtype))
+    tokens, hq, splits = cute.sym_int(), cute.sym_int(), cute.sym_int()
+    o_part = make_fake_compact_tensor(cutlass.Float32, (splits, tokens, hq, head_dim), stride_order=(3, 2, 1, 0))
+    lse_part = make_fake_compact_tensor(cutlass.Float32, (splits, tokens, hq), stride_order=(2, 1, 0))
+    out = make_fake_tensor(_cute_dtype(dtype), (tokens, hq, head_dim), stride=(cute.sym_int(), cute.sym_int(), 1))
+    stream = make_fake_stream(use_tvm_ffi_env_stream=True)
+    compiled = cute.compile(op, o_part, lse_part, out, stream, options="--enable-tvm-ffi")
+    _COMPILED[key] = compiled
+    return compiled
+
+
+def _check_static(head_dim, group, next_n, block_size, dtype):
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {head_dim}")
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
+    if not 1 <= next_n <= MAX_NEXT_N:
+        raise ValueError(f"next_n (query tokens per request) must be in [1, {MAX_NEXT_N}], got {next_n}")
+    if group < 1:
+        raise ValueError(f"the GQA group (num_q_heads / num_kv_heads) must be >= 1, got {group}")
+    if block_size % KV_TILE:
+        raise ValueError(f"block_size must be a multiple of {KV_TILE}, got {block_size}")
+
+
+# Warps the split heuristic aims for, per SM: ~8 are resident (the kernel uses ~254
+# registers), times a few waves to even out the tail (measured best on the H200).
+_TARGET_WARPS_PER_SM = 36
+MIN_TILES_PER_SPLIT = 16
+MAX_SPLITS = 256
+_SM_COUNT: dict[int, int] = {}
+
+
+def num_splits_heuristic(batch: int, num_kv_heads: int, rows_per_kv_head: int, max_seq_len: int, device) -> int:
+    """Splits per (request, KV head, row tile) so the GPU has enough warps to fill it,
+    with at least ``MIN_TILES_PER_SPLIT`` tiles per split of the longest request."""
+    idx = torch.device(device).index or 0
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    warps = batch * num_kv_heads * -(-rows_per_kv_head // Q_TILE_ROWS)
+    want = -(-_SM_COUNT[idx] * _TARGET_WARPS_PER_SM // max(warps, 1))
+    cap = max(1, -(-max_seq_len // (KV_TILE * MIN_TILES_PER_SPLIT)))
+    return int(max(1, min(want, cap, MAX_SPLITS)))
+
+
+def decode_workspace(num_splits: int, num_tokens: int, num_q_heads: int, head_dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split partials: fp32 outputs ``[splits, tokens, Hq, D]`` and log2 LSEs ``[splits, tokens, Hq]``."""
+    return (
+        torch.empty(num_splits, num_tokens, num_q_heads, head_dim, dtype=torch.float32, device=device),
+        torch.empty(num_splits, num_tokens, num_q_heads, dtype=torch.float32, device=device),
+    )
+
+
+def blasst_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    softmax_scale: float,
+    threshold_scale_factor: float | None = None,
+    num_splits: int | None = None,
+    max_seq_len: int | None = None,
+    out: torch.Tensor | None = None,
+    workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+    skip_counts: torch.Tensor | None = None,
+    decisions: torch.Tensor | None = None,
+    min_warps_per_sm: int = DEFAULT_MIN_WARPS_PER_SM,
+) -> torch.Tensor:
+    """Causal decode attention of ``q`` over a paged cache, skipping BLASST tiles.
+
+    Args:
+        q: ``[B * next_n, Hq, D]``, the ``next_n`` query tokens of each request in order
+            (the last ``next_n`` positions of its sequence).
+        k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]`` (separate planes; strides
+            may be arbitrary multiples of 8 elements, head dim contiguous).
+        block_table: int32 ``[B, max_blocks]``. seq_lens: int32 ``[B]``, the new tokens
+            included; a request of length 0 yields zeros.
+        threshold_scale_factor: λ = factor / seq_len per request; None = dense decode.
+        num_splits: split-KV ranges per (request, KV head); default from the GPU size,
+            the batch and ``max_seq_len`` (give it: without it the heuristic assumes
+            long sequences).
+        out: ``[B * next_n, Hq, D]`` output in q's dtype. workspace: from
+            :func:`decode_workspace` for ``num_splits > 1``. With both given the call
+            allocates nothing (CUDA-graph capturable).
+        skip_counts: int32 ``[B, 2]``; the kernel *adds* each request's (skipped,
+            eligible) tile counts to it (zero it first).
+        decisions: int32 ``[B, Hkv * row_tiles, max_tiles]`` (tests): for every eligible
+            tile the kernel writes 1 (kept) or 2 (skipped) at its tile index; other
+            entries are left as they are. ``row_tiles = ceil(next_n * Hq / Hkv / 16)``.
+    """
+    if q.dim() != 3 or k_cache.dim() != 4 or v_cache.dim() != 4:
+        raise ValueError("q must be [tokens, Hq, D] and the caches [num_blocks, block_size, Hkv, D]")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must have the same shape")
+    if q.dtype != k_cache.dtype or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"q, k_cache and v_cache must share one dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    batch = seq_lens.numel()
+    tokens, hq, d = q.shape
+    _, block_size, hkv, dk = k_cache.shape
+    if dk != d:
+        raise ValueError(f"q head_dim {d} != cache head_dim {dk}")
+    if hq % hkv:
+        raise ValueError(f"num_q_heads ({hq}) must be a multiple of num_kv_heads ({hkv})")
+    if batch == 0 or tokens % batch:
+        raise ValueError(f"q has {tokens} tokens, not a multiple of the {batch} requests (uniform decode only)")
+    next_n = tokens // batch
+    _check_static(d, hq // hkv, next_n, block_size, q.dtype)
+    if seq_lens.dtype != torch.int32 or block_table.dtype != torch.int32 or block_table.dim() != 2:
+        raise ValueError("seq_lens must be int32 [B] and block_table int32 [B, max_blocks]")
+    if block_table.shape[0] != batch or block_table.stride(1) != 1:
+        raise ValueError(f"block_table must be [B={batch}, max_blocks] with contiguous rows")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(-1) != 1 or any(s % 8 for s in t.stride()[:-1]) or t.data_ptr() % 16:
+            raise ValueError(f"{name} needs a contiguous head dim, 16-byte alignment and strides that are multiples of 8")
+    if threshold_scale_factor is not None and not (threshold_scale_factor > 0 and math.isfinite(threshold_scale_factor)):
+        raise ValueError(f"threshold_scale_factor must be a finite number > 0 or None, got {threshold_scale_factor!r}")
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1 or any(s % 8 for s in out.stride()[:-1]):
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with a contiguous head dim")
+    if num_splits is None:
+        num_splits = num_splits_heuristic(batch, hkv, hq // hkv * next_n, max_seq_len or (1 << 17), q.device)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    final = num_splits == 1
+    if workspace is None:
+        workspace = decode_workspace(num_splits if not final else 1, tokens if not final else 1, hq if not final else 1, d, q.device)
+    o_part, lse_part = workspace
+    if not final and (o_part.shape[0] < num_splits or o_part.shape[1:] != (tokens, hq, d) or lse_part.shape[:1] != o_part.shape[:1]):
+        raise ValueError(f"workspace must hold [>= {num_splits}, {tokens}, {hq}, {d}] partials (decode_workspace)")
+    if skip_counts is not None and (skip_counts.shape != (batch, 2) or skip_counts.dtype != torch.int32
+                                    or not skip_counts.is_contiguous()):
+        raise ValueError(f"skip_counts must be contiguous int32 [B={batch}, 2]")
+    has_threshold = threshold_scale_factor is not None
+    count = skip_counts is not None and has_threshold
+    record = decisions is not None and has_threshold
+    row_tiles = -(-next_n * (hq // hkv) // Q_TILE_ROWS)
+    if decisions is not None and (decisions.dtype != torch.int32 or decisions.dim() != 3 or not decisions.is_contiguous()
+                                  or decisions.shape[:2] != (batch, hkv * row_tiles)):
+        raise ValueError(f"decisions must be contiguous int32 [B={batch}, {hkv * row_tiles}, max_tiles]")
+    fn = compile_blasst_decode(
+        head_dim=d, group=hq // hkv, next_n=next_n, block_size=block_size, dtype=q.dtype,
+        has_threshold=has_threshold, count_skips=count, record_decisions=record, final_output=final,
+        min_warps_per_sm=min_warps_per_sm,
+    )
+    log2_factor = math.log2(threshold_scale_factor) if has_threshold else 0.0
+    fn(
+        q, k_cache, v_cache, block_table, seq_lens, out, o_part, lse_part,
+        # Without counting the kernel never reads the counts: seq_lens (int32, 1-D) stands in.
+        skip_counts.view(-1) if count else seq_lens,
+        decisions if record else seq_lens.view(1, 1, -1),  # stand-in, never read
+        softmax_scale * LOG2E, log2_factor, num_splits,
+    )
+    if not final:
+        compile_blasst_combine(head_dim=d, dtype=q.dtype)(o_part[:num_splits], lse_part[:num_splits], out)
+    return out

@@ -1,7 +1,7 @@
 #!/bin/bash
 # The GPU test session on the H200 (after the `full` bundle is installed; see docs/VERIFICATION.md).
 # Usage: bash tests/gpu/run_h200.sh STAGE   with STAGE = kernels | llm | server | demo | dsa | dsa-eager | all
-# (kernels: FA4 backend impl + GVR top-k; llm: offline LLM() token equality; server: OpenAI server;
+# (kernels: FA4 backend impl + GVR top-k + BLASST decode; llm: offline LLM() token equality; server: OpenAI server;
 #  dsa / dsa-eager: GVR inside the tiny DeepSeek-V3.2, CUDA graphs / enforce_eager, ~4 min each)
 # Logs and JSON artifacts go to $OUT (or ./gpu-artifacts).
 set -uo pipefail
@@ -14,7 +14,7 @@ rc=0
 if [[ $stage == kernels || $stage == all ]]; then
   run nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || rc=1
   run python3 -m vllm_blackwell_sparse.cli doctor || rc=1
-  run python3 -m pytest -q -rs -s -p no:warnings tests/gpu/test_backend_fa4.py tests/gpu/test_gvr_topk.py --junitxml="$ART/junit-kernels.xml" || rc=1
+  run python3 -m pytest -q -rs -s -p no:warnings tests/gpu/test_backend_fa4.py tests/gpu/test_gvr_topk.py tests/gpu/test_blasst_decode.py --junitxml="$ART/junit-kernels.xml" || rc=1
 fi
 if [[ $stage == llm || $stage == all ]]; then
   run python3 -m pytest -q -rs -s tests/gpu/test_llm_end_to_end.py --junitxml="$ART/junit-llm.xml" || rc=1

@@ -33,6 +33,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 from vllm_blackwell_sparse.config import ConfigError, load_config, unavailable_feature_reasons
+from vllm_blackwell_sparse.util import warn_once
 
 logger = init_logger(__name__)
 
@@ -341,7 +342,7 @@ class BlackwellSparseImpl(AttentionImpl[BlackwellSparseMetadata]):
         elif self.head_size not in BLASST_DECODE_HEAD_SIZES or dtype not in BLASST_DECODE_DTYPES:
             why = f"head_size {self.head_size} / dtype {dtype}"
         if why:
-            _warn_once(f"BLASST decode falls back to dense FA4 for some batches: {why}")
+            warn_once(logger, f"BLASST decode falls back to dense FA4 for some batches: {why}")
             return False
         return True
 
@@ -378,15 +379,6 @@ class BlackwellSparseImpl(AttentionImpl[BlackwellSparseMetadata]):
                 softmax_scale=self.scale,
             )
         return output
-
-
-_warned: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        logger.warning(message)
 
 
 def fa4_unavailable_reason() -> str | None:

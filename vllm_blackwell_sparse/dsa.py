@@ -51,6 +51,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
+from vllm_blackwell_sparse.util import warn_once
+
 # A child of vLLM's "vllm" logger: these lines come from vLLM's worker processes, where
 # only that logger has a handler (ours would drop INFO), and read like vLLM's own.
 logger = logging.getLogger("vllm.blackwell_sparse.dsa")
@@ -626,13 +628,8 @@ def _compile_for(k: int) -> None:
         _warn_once("GVR on sm_100 is compile-checked only; it has not been run on Blackwell")
 
 
-_warned_messages: set[str] = set()
-
-
 def _warn_once(message: str) -> None:
-    if message not in _warned_messages:
-        _warned_messages.add(message)
-        logger.warning("vllm-blackwell-sparse: %s", message)
+    warn_once(logger, message)
 
 
 # --------------------------------------------------------------------------------------

@@ -38,9 +38,10 @@ fp32 partial outputs and log2-domain LSEs per split, merged by the combine kerne
 
 
 import math
-import os
 
 import torch
+
+from vllm_blackwell_sparse.kernels import target_arch
 
 KV_TILE = 16  # keys per tile: the unit of the skip decision
 Q_TILE_ROWS = 8  # packed query rows per warp (MMA rows 0-7; rows 8-15 are padding)
@@ -384,14 +385,6 @@ def _kernel_module():
     return BlasstDecodeSm90, BlasstCombine
 
 
-def _arch() -> str:
-    override = os.environ.get("CUTE_DSL_ARCH")
-    if override:
-        return override
-    major, minor = torch.cuda.get_device_capability()
-    return f"sm_{major}{minor}a"
-
-
 def _cute_dtype(dtype: torch.dtype):
     import cutlass
 
@@ -423,7 +416,7 @@ def compile_blasst_decode(
 
     _check_static(head_dim, group, next_n, block_size, dtype)
     key = ("decode", head_dim, group, next_n, block_size, dtype, has_threshold, count_skips, record_decisions,
-           final_output, min_warps_per_sm, _arch())
+           final_output, min_warps_per_sm, target_arch())
     if key in _COMPILED:
         return _COMPILED[key]
     decode_cls, _ = _kernel_module()
@@ -466,7 +459,7 @@ def compile_blasst_combine(*, head_dim: int, dtype: torch.dtype):
     import cutlass.cute as cute
     from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream, make_fake_tensor
 
-    key = ("combine", head_dim, dtype, _arch())
+    key = ("combine", head_dim, dtype, target_arch())
     if key in _COMPILED:
         return _COMPILED[key]
     _, combine_cls = _kernel_module()

@@ -45,9 +45,10 @@ captured in a CUDA graph.
 
 from __future__ import annotations
 
-import os
 
 import torch
+
+from vllm_blackwell_sparse.kernels import target_arch
 
 DEFAULT_THREADS = 512  # per CTA (one CTA per row); at least BINS
 BINS = 256
@@ -445,14 +446,6 @@ def _kernel_module():
     return GvrTopKSm90
 
 
-def _arch() -> str:
-    override = os.environ.get("CUTE_DSL_ARCH")
-    if override:
-        return override
-    major, minor = torch.cuda.get_device_capability()
-    return f"sm_{major}{minor}a"
-
-
 def compile_gvr_topk(
     k: int,
     *,
@@ -483,7 +476,7 @@ def compile_gvr_topk(
             f"threads must be 256/512/1024, loads_in_flight 2/4/8/16/32 and vec_width one of {VEC_WIDTHS}, "
             f"got {threads}, {loads_in_flight}, {vec_width}"
         )
-    key = (k, has_hint, use_row_slot, threads, loads_in_flight, vec_width, _arch())
+    key = (k, has_hint, use_row_slot, threads, loads_in_flight, vec_width, target_arch())
     if key in _COMPILED:
         return _COMPILED[key]
     op = _kernel_module()(k, has_hint, use_row_slot, threads, loads_in_flight, vec_width)

@@ -42,6 +42,9 @@ for head_dim, group, next_n, block_size, dtype in (
                               has_threshold=has_threshold, count_skips=count, final_output=final,
                               record_decisions=count)
     compile_blasst_combine(head_dim=head_dim, dtype=dtype)
+for k_stages in (1, 8):  # the K ring's extremes
+    compile_blasst_decode(head_dim=128, group=4, next_n=1, block_size=16, dtype=torch.bfloat16, has_threshold=True,
+                          count_skips=False, final_output=False, k_stages=k_stages)
 print("compiled")
 """
 
@@ -60,6 +63,7 @@ def test_blasst_decode_compiles(arch):
         (dict(dtype=__import__("torch").float32), "dtype must be one of"),
         (dict(next_n=9), "next_n"),
         (dict(block_size=24), "block_size must be a multiple of 16"),
+        (dict(k_stages=0), "k_stages must be in"),
     ],
 )
 def test_blasst_decode_rejects_unsupported_shapes(kwargs, fragment):

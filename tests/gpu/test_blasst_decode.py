@@ -18,7 +18,8 @@ bd = pytest.importorskip("vllm_blackwell_sparse.kernels.blasst_decode")
 DEV = "cuda"
 
 
-def run_case(seq_lens, next_n, hq, hkv, d, bs, splits, factor, *, seed, peak=8.0, dtype=torch.bfloat16):
+def run_case(seq_lens, next_n, hq, hkv, d, bs, splits, factor, *, seed, peak=8.0, dtype=torch.bfloat16,
+             k_stages=bd.DEFAULT_K_STAGES):
     case = wl.peaked_attention_case(
         seq_lens, [next_n] * len(seq_lens), hq, hkv, d, bs, wl.PeakedAttentionParams(peak=peak, seed=seed),
         dtype=dtype, device=DEV,
@@ -35,14 +36,15 @@ def run_case(seq_lens, next_n, hq, hkv, d, bs, splits, factor, *, seed, peak=8.0
     out = bd.blasst_decode(
         case["q"], case["k_cache"], case["v_cache"], case["block_table"], case["seq_lens"],
         softmax_scale=1 / math.sqrt(d), threshold_scale_factor=factor, num_splits=splits,
-        skip_counts=counts, decisions=decisions,
+        skip_counts=counts, decisions=decisions, k_stages=k_stages,
     )
     return case, args, ref, out, decisions, counts, row_tiles
 
 
-def check_against_oracle(seq_lens, next_n, hq, hkv, d, bs, splits, factor, *, seed, dtype=torch.bfloat16):
+def check_against_oracle(seq_lens, next_n, hq, hkv, d, bs, splits, factor, *, seed, dtype=torch.bfloat16,
+                         k_stages=bd.DEFAULT_K_STAGES):
     case, args, ref, out, decisions, counts, row_tiles = run_case(
-        seq_lens, next_n, hq, hkv, d, bs, splits, factor, seed=seed, dtype=dtype
+        seq_lens, next_n, hq, hkv, d, bs, splits, factor, seed=seed, dtype=dtype, k_stages=k_stages
     )
     # Output: the oracle is fp32; the kernel rounds P to 16 bits before P.V and writes 16-bit output.
     scale = max(1.0, ref.out.abs().max().item())
@@ -110,8 +112,9 @@ def test_fuzz_every_supported_shape():
         splits = rng.randint(1, 6)
         factor = rng.choice([None, 0.5, 4.0, 40.0])
         dtype = rng.choice([torch.bfloat16, torch.float16])
+        k_stages = rng.choice([1, 2, 3, 4, 6])  # the K ring depth: refills, wrap-around, splits shorter than it
         _, amb = check_against_oracle(lens, next_n, hkv * group, hkv, d, bs, splits, factor, seed=rng.randrange(1 << 30),
-                                      dtype=dtype)
+                                      dtype=dtype, k_stages=k_stages)
         total_amb += amb
     print(f"fuzz: {total_amb} decisions within {AMBIGUOUS_MARGIN} of the threshold (not compared)")
 

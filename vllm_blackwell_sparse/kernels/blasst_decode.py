@@ -8,10 +8,10 @@ contiguous ranges, each with its own online softmax, merged by log-sum-exp.
 
 Design (one warp per CTA, one CTA per (split, KV head x row tile, request))
 ---------------------------------------------------------------------------
-Decode is memory-bound, so the kernel is built around the bytes: K and V go straight
-from global memory into the registers of ``mma.sync.m16n8k16`` fragments, with 128-bit
-loads and no shared memory. That works because both products reduce over an index we
-may permute freely:
+Decode is memory-bound, so the kernel is built around the bytes: K and V are read with
+128-bit accesses laid out directly as ``mma.sync.m16n8k16`` fragments, with no
+cross-lane exchange. That works because both products reduce over an index we may
+permute freely:
 
 * ``S = Q K^T`` reduces over the head dim. Lane ``l`` holds, for key ``l // 4`` of each
   8-key half tile, the dims ``{32 i + 8 (l % 4) + e}``; the matching Q fragments use
@@ -22,10 +22,16 @@ may permute freely:
   ``{64 i + 8 (l // 4) + e}`` of V; its accumulator ends up holding dims
   ``64 i + 16 q + [0, 16)``, written back with 128-bit stores.
 
-Per 16-key tile: ``S`` from the K registers, then the next tile's K loads are issued
-(they overwrite nothing still needed), then the skip decision, and only for a kept tile
-the V loads, the exponentials and ``P V``. So K runs one tile ahead while the V load of
-each tile waits for its decision, and a skipped tile reads no V byte.
+K streams through a per-warp shared-memory ring of ``k_stages`` tiles filled by
+``cp.async``: each lane copies exactly the 16-byte pieces it will later read as its own
+fragment, so the ring needs no barrier, only the lane's own ``cp.async.wait_group``.
+Keeping K tiles in flight without holding them in registers is what lets runs of
+skipped tiles stream at close to full bandwidth (K one tile ahead in registers left
+them latency-bound). Per 16-key tile: wait for its K, ``S`` from the ring, refill the
+slot with the tile ``k_stages`` ahead, then the skip decision, and only for a kept tile
+the V loads (straight into registers), the exponentials and ``P V`` -- whose product is
+consumed one tile later, so the V load is in flight meanwhile. A skipped tile reads no
+V byte.
 
 The skip rule is evaluated in the log2 domain: scores are ``q.k * softmax_scale *
 log2(e)``; the threshold ``log2(factor) - log2(seq_len)`` is computed per request in the
@@ -49,6 +55,8 @@ SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 MAX_NEXT_N = 8  # query tokens per request (spec decode verifies next_n - 1 drafts)
 DEFAULT_MIN_WARPS_PER_SM = 0  # occupancy hint to ptxas (0: none; the register count then decides)
+DEFAULT_K_STAGES = 2  # depth of each warp's shared-memory K ring (K tiles in flight); 2 measured best on the H200
+MAX_K_STAGES = 8
 LOG2E = 1.4426950408889634
 
 _COMPILED: dict[tuple, object] = {}
@@ -80,7 +88,7 @@ def _kernel_module():
         """
 
         def __init__(self, head_dim, group, next_n, block_size, dtype, has_threshold, count_skips, record_decisions,
-                     final_output, min_warps_per_sm):
+                     final_output, min_warps_per_sm, k_stages):
             self.d = head_dim
             self.group = group
             self.next_n = next_n
@@ -92,6 +100,7 @@ def _kernel_module():
             self.count_skips = count_skips
             self.record_decisions = record_decisions
             self.min_warps_per_sm = min_warps_per_sm
+            self.k_stages = k_stages
             self.final_output = final_output
             self.k_loads = head_dim // 32  # 16-byte K loads per key and lane
             self.k_chunks = head_dim // 16  # k16 steps of Q K^T
@@ -161,12 +170,26 @@ def _kernel_module():
             state = self.State(self)
             bs = self.block_size
             last_block = cutlass.max(kv_len - 1, 0) // bs
-            page = Int32(0)
-            page_next = Int32(0)
-            if t_begin < t_end:
-                page = mBlockTable[req, (t_begin * KV_TILE) // bs]
-                page_next = mBlockTable[req, cutlass.min(((t_begin + 1) * KV_TILE) // bs, last_block)]
-                self.load_k(mK, state.kfrag, page, (t_begin * KV_TILE) % bs, kv_head, lrow, quad)
+            # K ring: lane-private, so lane l writes (cp.async) and later reads only its own
+            # 16-byte pieces, and completing its own cp.async groups is all the sync needed.
+            # One group per tile, empty past the split's end, so the group count stays uniform.
+            smem = cutlass.utils.SmemAllocator()
+            state.sK = smem.allocate_tensor(
+                self.dtype, cute.make_layout((8, 32, 2 * self.k_loads, self.k_stages)), byte_alignment=16
+            )
+            state.g2s = cute.make_copy_atom(
+                cute.nvgpu.cpasync.CopyG2SOp(cache_mode=cute.nvgpu.cpasync.LoadCacheMode.GLOBAL), self.dtype,
+                num_bits_per_copy=128,
+            )
+            for j in cutlass.range_constexpr(self.k_stages):
+                if t_begin + j < t_end:
+                    pg = mBlockTable[req, ((t_begin + j) * KV_TILE) // bs]
+                    self.issue_k(mK, state, pg, ((t_begin + j) * KV_TILE) % bs, (t_begin + j) % self.k_stages,
+                                 kv_head, lane, lrow, quad)
+                cute.arch.cp_async_commit_group()
+            # The page of the next tile to issue, looked up a tile early so the issue never
+            # waits on the block table.
+            page_ahead = mBlockTable[req, cutlass.min(((t_begin + self.k_stages) * KV_TILE) // bs, last_block)]
 
             m_run = Float32(NEG_INF)
             l_run = Float32(0.0)
@@ -179,19 +202,20 @@ def _kernel_module():
             # Two tiles per iteration so the V registers of the tile in flight (A or B)
             # and of the tile being consumed are static.
             for t in cutlass.range(t_begin, t_end, 2, unroll=1):
-                (page, page_next, m_run, l_run, n_skipped, n_eligible, pending_a, alpha_a, pending_b) = self.tile_step(
+                (page_ahead, m_run, l_run, n_skipped, n_eligible, pending_a, alpha_a, pending_b) = self.tile_step(
                     mK, mV, mBlockTable, mDecisions, state, qa, state.v_a, state.p_a, state.v_b, state.p_b,
-                    t, t_begin, req, head_tile, kv_head, lane, lrow, quad, live, limit, last_block,
-                    page, page_next, m_run, l_run, n_skipped, n_eligible, pending_b, alpha_b,
+                    t, t_begin, t_end, req, head_tile, kv_head, lane, lrow, quad, live, limit, last_block,
+                    page_ahead, m_run, l_run, n_skipped, n_eligible, pending_b, alpha_b,
                     scale_log2, thr, skipping,
                 )
                 if t + 1 < t_end:
-                    (page, page_next, m_run, l_run, n_skipped, n_eligible, pending_b, alpha_b, pending_a) = self.tile_step(
+                    (page_ahead, m_run, l_run, n_skipped, n_eligible, pending_b, alpha_b, pending_a) = self.tile_step(
                         mK, mV, mBlockTable, mDecisions, state, qa, state.v_b, state.p_b, state.v_a, state.p_a,
-                        t + 1, t_begin, req, head_tile, kv_head, lane, lrow, quad, live, limit, last_block,
-                        page, page_next, m_run, l_run, n_skipped, n_eligible, pending_a, alpha_a,
+                        t + 1, t_begin, t_end, req, head_tile, kv_head, lane, lrow, quad, live, limit, last_block,
+                        page_ahead, m_run, l_run, n_skipped, n_eligible, pending_a, alpha_a,
                         scale_log2, thr, skipping,
                     )
+            cute.arch.cp_async_wait_group(0)
             if pending_a:
                 self.consume(state, state.v_a, state.p_a, alpha_a)
             if pending_b:
@@ -209,7 +233,7 @@ def _kernel_module():
             """Register tensors of one warp (rmem; indices are static so they stay in registers)."""
 
             def __init__(self, k):
-                self.kfrag = cute.make_rmem_tensor((8, k.k_loads, 2), k.dtype)  # K of the next tile
+                self.kfrag = cute.make_rmem_tensor((8, k.k_loads, 2), k.dtype)  # K of the tile being scored
                 self.v_a = cute.make_rmem_tensor((8, k.v_loads, 4), k.dtype)  # V of even / odd steps
                 self.v_b = cute.make_rmem_tensor((8, k.v_loads, 4), k.dtype)
                 self.p_a = cute.make_rmem_tensor((8, 1, 1), k.dtype)  # P (A operand) waiting for its V
@@ -222,13 +246,20 @@ def _kernel_module():
 
         @cute.jit
         def tile_step(self, mK, mV, mBlockTable, mDecisions, state, qa, v_this, p_this, v_prev, p_prev,
-                      t, t_begin, req, head_tile, kv_head, lane, lrow, quad, live, limit, last_block,
-                      page, page_next, m_run, l_run, n_skipped, n_eligible, pending_prev, alpha_prev,
+                      t, t_begin, t_end, req, head_tile, kv_head, lane, lrow, quad, live, limit, last_block,
+                      page_ahead, m_run, l_run, n_skipped, n_eligible, pending_prev, alpha_prev,
                       scale_log2, thr, skipping):
             """Tile ``t``: scores, the next tile's K loads, the skip decision, then (kept)
             this tile's V loads and P; then P.V of the previous kept tile, whose V has been
             in flight meanwhile. Returns the updated scalar state."""
             bs = self.block_size
+            page = mBlockTable[req, (t * KV_TILE) // bs]  # for this tile's V (read before: an L1 hit)
+            # Tile t's group is complete once at most k_stages - 1 younger ones are pending.
+            cute.arch.cp_async_wait_group(self.k_stages - 1)
+            slot = t % self.k_stages
+            for h in cutlass.range_constexpr(2):
+                for i in cutlass.range_constexpr(self.k_loads):
+                    cute.autovec_copy(state.sK[None, lane, h * self.k_loads + i, slot], state.kfrag[None, i, h])
             s = cute.make_rmem_tensor((2, 4, 1, 1), Float32)
             s.fill(0.0)
             for h in cutlass.range_constexpr(2):
@@ -239,12 +270,13 @@ def _kernel_module():
                         b[j, 0, 0] = state.kfrag[e + j, i, h]
                     cute.gemm(state.atom, s[h, None, None, None], qa[c], b, s[h, None, None, None])
 
-            # K of the next tile is loaded now: nothing below needs the K registers. (Past
-            # the split's end this re-reads valid memory of the request's last page; the
-            # values are never used.) The page after that is fetched a tile ahead so K
-            # addresses never wait on the block table.
-            page_after = mBlockTable[req, cutlass.min(((t + 2) * KV_TILE) // bs, last_block)]
-            self.load_k(mK, state.kfrag, page_next, ((t + 1) * KV_TILE) % bs, kv_head, lrow, quad)
+            # Refill the slot just read with tile t + k_stages: the MMAs above have consumed
+            # its registers. Then look up the page of the tile after it.
+            ahead = t + self.k_stages
+            if ahead < t_end:
+                self.issue_k(mK, state, page_ahead, (ahead * KV_TILE) % bs, slot, kv_head, lane, lrow, quad)
+            cute.arch.cp_async_commit_group()
+            page_after = mBlockTable[req, cutlass.min(((ahead + 1) * KV_TILE) // bs, last_block)]
 
             # Scale to the log2 domain, mask, row max (the 4 lanes of a quad share a row).
             m_loc = Float32(NEG_INF)
@@ -287,7 +319,7 @@ def _kernel_module():
                 m_run = m_new
             if pending_prev:
                 self.consume(state, v_prev, p_prev, alpha_prev)
-            return page_next, page_after, m_run, l_run, n_skipped, n_eligible, keep, alpha, Boolean(False)
+            return page_after, m_run, l_run, n_skipped, n_eligible, keep, alpha, Boolean(False)
 
         @cute.jit
         def consume(self, state, v_frag, p_frag, alpha):
@@ -307,12 +339,13 @@ def _kernel_module():
                 state.o[n, 1] = acc[1, 0, 0]
 
         @cute.jit
-        def load_k(self, mK, kfrag, page, in_page, kv_head, lrow, quad):
-            # Lane: key lrow of each 8-key half, dims {32 i + 8 quad + e}.
+        def issue_k(self, mK, state, page, in_page, slot, kv_head, lane, lrow, quad):
+            # Lane: key lrow of each 8-key half, dims {32 i + 8 quad + e}, into this lane's
+            # 16-byte pieces of the ring slot.
             for h in cutlass.range_constexpr(2):
                 krow = cute.zipped_divide(mK[page, in_page + 8 * h + lrow, kv_head, None], (8,))
                 for i in cutlass.range_constexpr(self.k_loads):
-                    cute.autovec_copy(krow[None, 4 * i + quad], kfrag[None, i, h])
+                    cute.copy(state.g2s, krow[None, 4 * i + quad], state.sK[None, lane, h * self.k_loads + i, slot])
 
         @cute.jit
         def load_v(self, mV, vfrag, page, in_page, kv_head, lrow, quad):
@@ -369,13 +402,15 @@ def _kernel_module():
             dim, _, _ = cute.arch.thread_idx()
             token, head, _ = cute.arch.block_idx()
             num_splits = mOPart.shape[0]
+            # Unrolled so that several splits' loads are in flight at once: a rolled loop
+            # pays one memory latency per split, which at ~75 splits rivals the decode.
             m = Float32(NEG_INF)
-            for sp in cutlass.range(num_splits, unroll=1):
+            for sp in cutlass.range(num_splits, unroll=8):
                 m = cute.arch.fmax(m, mLsePart[sp, token, head])
             base = cutlass.select_(m == Float32(NEG_INF), Float32(0.0), m)
             acc = Float32(0.0)
             wsum = Float32(0.0)
-            for sp in cutlass.range(num_splits, unroll=1):
+            for sp in cutlass.range(num_splits, unroll=8):
                 w = cute.math.exp2(mLsePart[sp, token, head] - base, fastmath=True)
                 wsum += w
                 acc += w * mOPart[sp, token, head, dim]
@@ -403,6 +438,7 @@ def compile_blasst_decode(
     final_output: bool,
     record_decisions: bool = False,
     min_warps_per_sm: int = DEFAULT_MIN_WARPS_PER_SM,
+    k_stages: int = DEFAULT_K_STAGES,
 ):
     """Compile (once per variant and target arch) the decode kernel.
 
@@ -415,14 +451,16 @@ def compile_blasst_decode(
     from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream, make_fake_tensor
 
     _check_static(head_dim, group, next_n, block_size, dtype)
+    if not 1 <= k_stages <= MAX_K_STAGES:
+        raise ValueError(f"k_stages must be in [1, {MAX_K_STAGES}], got {k_stages}")
     key = ("decode", head_dim, group, next_n, block_size, dtype, has_threshold, count_skips, record_decisions,
-           final_output, min_warps_per_sm, target_arch())
+           final_output, min_warps_per_sm, k_stages, target_arch())
     if key in _COMPILED:
         return _COMPILED[key]
     decode_cls, _ = _kernel_module()
     op = decode_cls(
         head_dim, group, next_n, block_size, _cute_dtype(dtype), has_threshold, count_skips, record_decisions, final_output,
-        min_warps_per_sm,
+        min_warps_per_sm, k_stages,
     )
     el = _cute_dtype(dtype)
 
@@ -487,23 +525,28 @@ def _check_static(head_dim, group, next_n, block_size, dtype):
         raise ValueError(f"block_size must be a multiple of {KV_TILE}, got {block_size}")
 
 
-# Warps the split heuristic aims for, per SM: ~8 are resident (the kernel uses ~254
-# registers), times a few waves to even out the tail (measured best on the H200).
-_TARGET_WARPS_PER_SM = 36
-MIN_TILES_PER_SPLIT = 16
+# Split heuristic, measured on the H200 (benchmarks/decode_tuning.py): the kernel keeps
+# 8 one-warp CTAs per SM resident (its register count), and the best split count fills
+# about 5 whole waves of them -- enough to even out splits that keep more tiles than
+# others -- unless a split would then get fewer than 64 tiles (1024 keys), where the
+# fixed cost of each warp (prologue, partial-output write, merge) starts to dominate.
+RESIDENT_WARPS_PER_SM = 8
+TARGET_WAVES = 5
+MIN_TILES_PER_SPLIT = 64
 MAX_SPLITS = 256
 _SM_COUNT: dict[int, int] = {}
 
 
 def num_splits_heuristic(batch: int, num_kv_heads: int, rows_per_kv_head: int, max_seq_len: int, device) -> int:
-    """Splits per (request, KV head, row tile) so the GPU has enough warps to fill it,
-    with at least ``MIN_TILES_PER_SPLIT`` tiles per split of the longest request."""
+    """Splits per (request, KV head, row tile): ``TARGET_WAVES`` whole waves of resident
+    warps, rounded down, with at least ``MIN_TILES_PER_SPLIT`` tiles per split of the
+    longest request."""
     idx = torch.device(device).index or 0
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     warps = batch * num_kv_heads * -(-rows_per_kv_head // Q_TILE_ROWS)
-    want = -(-_SM_COUNT[idx] * _TARGET_WARPS_PER_SM // max(warps, 1))
-    cap = max(1, -(-max_seq_len // (KV_TILE * MIN_TILES_PER_SPLIT)))
+    want = _SM_COUNT[idx] * RESIDENT_WARPS_PER_SM * TARGET_WAVES // max(warps, 1)
+    cap = -(-max_seq_len // (KV_TILE * MIN_TILES_PER_SPLIT))
     return int(max(1, min(want, cap, MAX_SPLITS)))
 
 
@@ -531,6 +574,7 @@ def blasst_decode(
     skip_counts: torch.Tensor | None = None,
     decisions: torch.Tensor | None = None,
     min_warps_per_sm: int = DEFAULT_MIN_WARPS_PER_SM,
+    k_stages: int = DEFAULT_K_STAGES,
 ) -> torch.Tensor:
     """Causal decode attention of ``q`` over a paged cache, skipping BLASST tiles.
 
@@ -607,7 +651,7 @@ def blasst_decode(
     fn = compile_blasst_decode(
         head_dim=d, group=hq // hkv, next_n=next_n, block_size=block_size, dtype=q.dtype,
         has_threshold=has_threshold, count_skips=count, record_decisions=record, final_output=final,
-        min_warps_per_sm=min_warps_per_sm,
+        min_warps_per_sm=min_warps_per_sm, k_stages=k_stages,
     )
     log2_factor = math.log2(threshold_scale_factor) if has_threshold else 0.0
     fn(

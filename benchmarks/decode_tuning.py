@@ -1,0 +1,116 @@
+"""Tuning sweep for the BLASST decode kernel (H200): K ring depth x split count.
+
+For a few (batch, context, page) cells of ``workloads.peaked_decode_batch`` (GQA 32/8,
+d 128, bf16) it times, in one run on the same cache: vLLM's FA3 (the best dense kernel
+on Hopper), and our kernel dense and at factors calibrated to each target sparsity, for
+every K ring depth (``k_stages``) and split count (whole waves of resident warps) (factor calibrated per split count,
+as the split count changes which tiles are eligible). Writes JSON to ``--out``.
+
+    python benchmarks/decode_tuning.py --out $OUT/decode_tuning.json
+"""
+
+import argparse
+import json
+import time
+
+import torch
+
+from vllm_blackwell_sparse import workloads
+from vllm_blackwell_sparse.bench.decode import calibrate, time_us
+from vllm_blackwell_sparse.bench.topk import environment
+from vllm_blackwell_sparse.kernels import blasst_decode as bd
+
+CELLS = [(8, 32768, 16), (8, 65536, 16), (8, 131072, 16), (32, 32768, 16), (32, 131072, 16), (64, 32768, 16),
+         (64, 131072, 16), (8, 32768, 64), (32, 32768, 64), (64, 131072, 64)]
+SWEEP_MIN_TILES_PER_SPLIT = 16  # looser than the heuristic's floor, so the sweep can see past it
+
+
+def splits_for(waves, batch, hkv, context, sms):
+    """Splits that fill ``waves`` full waves of resident warps (rounded down)."""
+    want = sms * bd.RESIDENT_WARPS_PER_SM * waves // (batch * hkv)
+    return max(1, min(want, -(-context // (bd.KV_TILE * SWEEP_MIN_TILES_PER_SPLIT)), bd.MAX_SPLITS))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--orders", type=int, nargs="+", default=[0, 1], help="1: KV heads fastest in the grid")
+    ap.add_argument("--waves", type=int, nargs="+", default=[2, 3, 5])
+    ap.add_argument("--sparsities", type=float, nargs="+", default=[0.7, 0.9])
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    a = ap.parse_args()
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    hq, hkv, d = 32, 8, 128
+    res = {"environment": environment(), "args": vars(a), "cells": []}
+    for batch, ctx, page in CELLS:
+        t0 = time.time()
+        w = workloads.peaked_decode_batch(batch, ctx, hq, hkv, d, page, device="cuda")
+        q, kc, vc, table, lens, cu = (w[k] for k in ("q", "k_cache", "v_cache", "block_table", "seq_lens", "cu_seqlens_q"))
+        out = torch.empty_like(q)
+        scale = d ** -0.5
+        fa3 = time_us(lambda: flash_attn_varlen_func(
+            q=q, k=kc, v=vc, out=out, cu_seqlens_q=cu, max_seqlen_q=1, seqused_k=lens, max_seqlen_k=ctx,
+            softmax_scale=scale, causal=True, block_table=table, num_splits=0, fa_version=3), 2 * a.iters, a.warmup)
+        ref = out.float().clone()
+        counts = torch.zeros(batch, 2, dtype=torch.int32, device="cuda")
+        ws = bd.decode_workspace(bd.MAX_SPLITS, batch, hq, d, "cuda")
+
+        def run(factor, splits, ks, hf=False, count=False):
+            if count:
+                counts.zero_()
+            return bd.blasst_decode(q, kc, vc, table, lens, softmax_scale=scale, threshold_scale_factor=factor,
+                                    num_splits=splits, out=out, workspace=ws, skip_counts=counts if count else None,
+                                    k_stages=ks, heads_fastest=bool(hf))
+
+        cell = {"batch": batch, "context": ctx, "page": page, "fa3_us": fa3, "runs": []}
+        kv_bytes = batch * ctx * hkv * d * 2
+        for waves in a.waves:
+            splits = splits_for(waves, batch, hkv, ctx, sms)
+
+            def sparsity_at(f):
+                run(f, splits, 2, count=True)  # sparsity does not depend on k_stages or grid order
+                s, e = counts.sum(0).tolist()
+                return s / max(e, 1)
+
+            factors = {}
+            for sp in a.sparsities:
+                found = calibrate(sparsity_at, sp, float(ctx))
+                if found:
+                    factors[sp] = found[0]
+            for ks, hf in [(k, o) for k in a.stages for o in a.orders]:
+                row = {"waves": waves, "splits": splits, "k_stages": ks, "heads_fastest": hf}
+                row["dense_us"] = time_us(lambda: run(None, splits, ks, hf), a.iters, a.warmup)
+                run(None, splits, ks, hf)
+                row["dense_err"] = (out.float() - ref).abs().max().item()
+                row["dense_vs_fa3"] = fa3 / row["dense_us"]
+                for sp, factor in factors.items():
+                    t = time_us(lambda: run(factor, splits, ks, hf), a.iters, a.warmup)
+                    run(factor, splits, ks, hf, count=True)
+                    s_, e_ = counts.sum(0).tolist()
+                    got = s_ / max(e_, 1)
+                    row[f"s{sp}"] = {"factor": factor, "us": t, "sparsity": got, "vs_fa3": fa3 / t,
+                                     "bar": 0.9 / (0.5 + 0.5 * (1 - got)),
+                                     "tb_s": kv_bytes * (2 - got) / t / 1e6,
+                                     "max_err": (out.float() - ref).abs().max().item()}
+                cell["runs"].append(row)
+        print(f"B{batch} {ctx//1024}K p{page} fa3 {fa3:.0f}us [{time.time() - t0:.0f}s]", flush=True)
+        for r in cell["runs"]:
+            line = f"   W{r['waves']} S{r['splits']:3d} K{r['k_stages']} H{r['heads_fastest']}: dense {r['dense_us']:.0f} (x{r['dense_vs_fa3']:.2f})"
+            for sp in a.sparsities:
+                v = r.get(f"s{sp}")
+                if v:
+                    line += f" | s={v['sparsity']:.2f} {v['us']:.0f} x{v['vs_fa3']:.2f} (bar {v['bar']:.2f}) {v['tb_s']:.2f}TB/s"
+            print(line, flush=True)
+        res["cells"].append(cell)
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+        w = q = kc = vc = ws = ref = None  # free the cell's cache before the next one
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

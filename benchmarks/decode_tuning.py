@@ -35,9 +35,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
-    ap.add_argument("--orders", type=int, nargs="+", default=[0, 1], help="1: KV heads fastest in the grid")
     ap.add_argument("--waves", type=int, nargs="+", default=[2, 3, 5])
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.7, 0.9])
+    ap.add_argument("--cells", nargs="+", default=None, help="BATCHxCONTEXTxPAGE, e.g. 8x32768x16 (default: CELLS)")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     a = ap.parse_args()
@@ -46,7 +46,8 @@ def main():
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     hq, hkv, d = 32, 8, 128
     res = {"environment": environment(), "args": vars(a), "cells": []}
-    for batch, ctx, page in CELLS:
+    cells = [tuple(int(x) for x in c.split("x")) for c in a.cells] if a.cells else CELLS
+    for batch, ctx, page in cells:
         t0 = time.time()
         w = workloads.peaked_decode_batch(batch, ctx, hq, hkv, d, page, device="cuda")
         q, kc, vc, table, lens, cu = (w[k] for k in ("q", "k_cache", "v_cache", "block_table", "seq_lens", "cu_seqlens_q"))
@@ -59,12 +60,12 @@ def main():
         counts = torch.zeros(batch, 2, dtype=torch.int32, device="cuda")
         ws = bd.decode_workspace(bd.MAX_SPLITS, batch, hq, d, "cuda")
 
-        def run(factor, splits, ks, hf=False, count=False):
+        def run(factor, splits, ks, count=False):
             if count:
                 counts.zero_()
             return bd.blasst_decode(q, kc, vc, table, lens, softmax_scale=scale, threshold_scale_factor=factor,
                                     num_splits=splits, out=out, workspace=ws, skip_counts=counts if count else None,
-                                    k_stages=ks, heads_fastest=bool(hf))
+                                    k_stages=ks)
 
         cell = {"batch": batch, "context": ctx, "page": page, "fa3_us": fa3, "runs": []}
         kv_bytes = batch * ctx * hkv * d * 2
@@ -81,15 +82,15 @@ def main():
                 found = calibrate(sparsity_at, sp, float(ctx))
                 if found:
                     factors[sp] = found[0]
-            for ks, hf in [(k, o) for k in a.stages for o in a.orders]:
-                row = {"waves": waves, "splits": splits, "k_stages": ks, "heads_fastest": hf}
-                row["dense_us"] = time_us(lambda: run(None, splits, ks, hf), a.iters, a.warmup)
-                run(None, splits, ks, hf)
+            for ks in a.stages:
+                row = {"waves": waves, "splits": splits, "k_stages": ks}
+                row["dense_us"] = time_us(lambda: run(None, splits, ks), a.iters, a.warmup)
+                run(None, splits, ks)
                 row["dense_err"] = (out.float() - ref).abs().max().item()
                 row["dense_vs_fa3"] = fa3 / row["dense_us"]
                 for sp, factor in factors.items():
-                    t = time_us(lambda: run(factor, splits, ks, hf), a.iters, a.warmup)
-                    run(factor, splits, ks, hf, count=True)
+                    t = time_us(lambda: run(factor, splits, ks), a.iters, a.warmup)
+                    run(factor, splits, ks, count=True)
                     s_, e_ = counts.sum(0).tolist()
                     got = s_ / max(e_, 1)
                     row[f"s{sp}"] = {"factor": factor, "us": t, "sparsity": got, "vs_fa3": fa3 / t,
@@ -99,7 +100,7 @@ def main():
                 cell["runs"].append(row)
         print(f"B{batch} {ctx//1024}K p{page} fa3 {fa3:.0f}us [{time.time() - t0:.0f}s]", flush=True)
         for r in cell["runs"]:
-            line = f"   W{r['waves']} S{r['splits']:3d} K{r['k_stages']} H{r['heads_fastest']}: dense {r['dense_us']:.0f} (x{r['dense_vs_fa3']:.2f})"
+            line = f"   W{r['waves']} S{r['splits']:3d} K{r['k_stages']}: dense {r['dense_us']:.0f} (x{r['dense_vs_fa3']:.2f})"
             for sp in a.sparsities:
                 v = r.get(f"s{sp}")
                 if v:

@@ -76,3 +76,29 @@ def test_blasst_decode_rejects_unsupported_shapes(kwargs, fragment):
     args.update(kwargs)
     with pytest.raises(ValueError, match=fragment):
         compile_blasst_decode(**args)
+
+
+def test_decode_split_heuristic_rules(monkeypatch):
+    """The split heuristic's rules on a 132-SM GPU (the H200), without a GPU."""
+    from vllm_blackwell_sparse.kernels import blasst_decode as bd
+
+    monkeypatch.setitem(bd._SM_COUNT, 0, 132)
+
+    def splits(batch, ctx, rows=4, hkv=8):
+        return bd.num_splits_heuristic(batch, hkv, rows, ctx, "cuda:0")
+
+    slots = 132 * bd.RESIDENT_WARPS_PER_SM
+    # B = 1: 16-tile splits that still fit in one wave.
+    assert splits(1, 32768) == 32768 // (16 * bd.MIN_TILES_PER_SPLIT_ONE_WAVE)
+    assert 8 * splits(1, 32768) <= slots
+    # B = 8 (64 warps per split, fewer than the SMs): 3 whole waves, rounded down.
+    assert splits(8, 65536) == slots * bd.WAVES_SMALL_BATCH // 64
+    # B = 64: 5 whole waves.
+    assert splits(64, 131072) == slots * bd.WAVES_LARGE_BATCH // 512
+    # Short contexts: never fewer than MIN_TILES_PER_SPLIT tiles per split, never 0 splits.
+    assert splits(32, 8192) == 8192 // (16 * bd.MIN_TILES_PER_SPLIT)
+    assert splits(64, 1) == 1 and splits(1, 1) == 1
+    # GQA 64/8 packs 8 rows per KV head into one row tile, like 32/8.
+    assert splits(8, 65536, rows=8) == splits(8, 65536, rows=4)
+    assert splits(8, 65536, rows=16) == slots * bd.WAVES_SMALL_BATCH // 128  # 2 row tiles: 128 < 132 SMs
+    assert splits(32, 131072) == slots * bd.WAVES_LARGE_BATCH // 256

@@ -54,7 +54,11 @@ Q_TILE_ROWS = 8  # packed query rows per warp (MMA rows 0-7; rows 8-15 are paddi
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 MAX_NEXT_N = 8  # query tokens per request (spec decode verifies next_n - 1 drafts)
-DEFAULT_MIN_WARPS_PER_SM = 0  # occupancy hint to ptxas (0: none; the register count then decides)
+# Resident one-warp CTAs per SM the kernel is built for (the split heuristic counts on
+# it): passed to ptxas as the occupancy hint, which allows up to 255 registers. Without any hint ptxas capped some variants
+# (d 128, group 8, page 64, no threshold) at 168 registers and spilled: 25-30% slower.
+RESIDENT_WARPS_PER_SM = 8
+DEFAULT_MIN_WARPS_PER_SM = RESIDENT_WARPS_PER_SM
 DEFAULT_K_STAGES = 2  # depth of each warp's shared-memory K ring (K tiles in flight); 2 measured best on the H200
 MAX_K_STAGES = 8
 LOG2E = 1.4426950408889634
@@ -107,13 +111,21 @@ def _kernel_module():
             self.v_loads = head_dim // 64  # 16-byte V loads per key and lane
             self.o_tiles = head_dim // 8  # n8 tiles of P V
 
+        def smem_carveout_percent(self):
+            # Enough shared memory for the resident warps' K rings (plus the 1 KiB the
+            # driver reserves per CTA), as a share of the 228 KiB of an sm90/sm100 SM.
+            # Explicit, because the DSL's own estimate queries a GPU at compile time.
+            ring = 8 * 32 * 2 * self.k_loads * self.k_stages * self.dtype.width // 8
+            warps = max(self.min_warps_per_sm, 1)
+            return min(100, -(-100 * warps * (ring + 1024) // (228 * 1024)))
+
         @cute.jit
         def __call__(self, mQ, mK, mV, mBlockTable, mSeqLens, mOut, mOPart, mLsePart, mCounts, mDecisions,
                      scale_log2: Float32, log2_factor: Float32, num_splits: Int32, stream):
             self.kernel(mQ, mK, mV, mBlockTable, mSeqLens, mOut, mOPart, mLsePart, mCounts, mDecisions,
                         scale_log2, log2_factor, num_splits).launch(
                 grid=[num_splits, mK.shape[2] * self.q_tiles, mSeqLens.shape[0]], block=[32, 1, 1], stream=stream,
-                min_blocks_per_mp=self.min_warps_per_sm, preferred_smem_carveout=0,
+                min_blocks_per_mp=self.min_warps_per_sm, preferred_smem_carveout=self.smem_carveout_percent(),
             )
 
         @cute.kernel
@@ -525,29 +537,39 @@ def _check_static(head_dim, group, next_n, block_size, dtype):
         raise ValueError(f"block_size must be a multiple of {KV_TILE}, got {block_size}")
 
 
-# Split heuristic, measured on the H200 (benchmarks/decode_tuning.py): the kernel keeps
-# 8 one-warp CTAs per SM resident (its register count), and the best split count fills
-# about 5 whole waves of them -- enough to even out splits that keep more tiles than
-# others -- unless a split would then get fewer than 64 tiles (1024 keys), where the
-# fixed cost of each warp (prologue, partial-output write, merge) starts to dominate.
-RESIDENT_WARPS_PER_SM = 8
-TARGET_WAVES = 5
-MIN_TILES_PER_SPLIT = 64
+# Split heuristic, measured on the H200 (benchmarks/decode_tuning.py; 8 one-warp CTAs of
+# this kernel are resident per SM):
+# - when even 16-tile splits give fewer warps than one wave holds (small batches), use
+#   them all: the GPU is latency-bound there and every extra warp helps;
+# - otherwise fill whole waves of resident warps, rounded down: 5 when the batch has at
+#   least one (request, KV head, row tile) per SM (more waves even out the splits that
+#   keep more tiles than others), 3 below that (B = 8: 5 waves means ~25-tile splits,
+#   whose fixed per-warp cost -- prologue, partial write, merge -- cost 3-5%); and no
+#   split shorter than 32 tiles (512 keys).
+WAVES_LARGE_BATCH = 5
+WAVES_SMALL_BATCH = 3
+MIN_TILES_PER_SPLIT = 32
+MIN_TILES_PER_SPLIT_ONE_WAVE = 16
 MAX_SPLITS = 256
 _SM_COUNT: dict[int, int] = {}
 
 
 def num_splits_heuristic(batch: int, num_kv_heads: int, rows_per_kv_head: int, max_seq_len: int, device) -> int:
-    """Splits per (request, KV head, row tile): ``TARGET_WAVES`` whole waves of resident
-    warps, rounded down, with at least ``MIN_TILES_PER_SPLIT`` tiles per split of the
-    longest request."""
+    """Splits per (request, KV head, row tile) for a batch whose longest request has
+    ``max_seq_len`` keys (see the rules above)."""
     idx = torch.device(device).index or 0
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    warps = batch * num_kv_heads * -(-rows_per_kv_head // Q_TILE_ROWS)
-    want = _SM_COUNT[idx] * RESIDENT_WARPS_PER_SM * TARGET_WAVES // max(warps, 1)
-    cap = -(-max_seq_len // (KV_TILE * MIN_TILES_PER_SPLIT))
-    return int(max(1, min(want, cap, MAX_SPLITS)))
+    sms = _SM_COUNT[idx]
+    slots = sms * RESIDENT_WARPS_PER_SM
+    pairs = max(1, batch * num_kv_heads * -(-rows_per_kv_head // Q_TILE_ROWS))
+    tiles = -(-max(max_seq_len, 1) // KV_TILE)
+    finest = min(-(-tiles // MIN_TILES_PER_SPLIT_ONE_WAVE), MAX_SPLITS)
+    if pairs * finest <= slots:
+        return int(finest)
+    waves = WAVES_LARGE_BATCH if pairs >= sms else WAVES_SMALL_BATCH
+    want = slots * waves // pairs
+    return int(max(1, min(want, -(-tiles // MIN_TILES_PER_SPLIT), MAX_SPLITS)))
 
 
 def decode_workspace(num_splits: int, num_tokens: int, num_q_heads: int, head_dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -55,8 +55,9 @@ SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 MAX_NEXT_N = 8  # query tokens per request (spec decode verifies next_n - 1 drafts)
 # Resident one-warp CTAs per SM the kernel is built for (the split heuristic counts on
-# it): passed to ptxas as the occupancy hint, which allows up to 255 registers. Without any hint ptxas capped some variants
-# (d 128, group 8, page 64, no threshold) at 168 registers and spilled: 25-30% slower.
+# it), passed to ptxas as the occupancy hint: that allows up to 255 registers. Without
+# any hint ptxas capped some variants (d 128, group 8, page 64, no threshold) at 168
+# registers and spilled, and ran 25-30% slower.
 RESIDENT_WARPS_PER_SM = 8
 DEFAULT_MIN_WARPS_PER_SM = RESIDENT_WARPS_PER_SM
 DEFAULT_K_STAGES = 2  # depth of each warp's shared-memory K ring (K tiles in flight); 2 measured best on the H200
@@ -201,7 +202,9 @@ def _kernel_module():
                 cute.arch.cp_async_commit_group()
             # The page of the next tile to issue, looked up a tile early so the issue never
             # waits on the block table.
-            page_ahead = mBlockTable[req, cutlass.min(((t_begin + self.k_stages) * KV_TILE) // bs, last_block)]
+            page_ahead = Int32(0)
+            if t_begin < t_end:
+                page_ahead = mBlockTable[req, cutlass.min(((t_begin + self.k_stages) * KV_TILE) // bs, last_block)]
 
             m_run = Float32(NEG_INF)
             l_run = Float32(0.0)
@@ -261,9 +264,9 @@ def _kernel_module():
                       t, t_begin, t_end, req, head_tile, kv_head, lane, lrow, quad, live, limit, last_block,
                       page_ahead, m_run, l_run, n_skipped, n_eligible, pending_prev, alpha_prev,
                       scale_log2, thr, skipping):
-            """Tile ``t``: scores, the next tile's K loads, the skip decision, then (kept)
-            this tile's V loads and P; then P.V of the previous kept tile, whose V has been
-            in flight meanwhile. Returns the updated scalar state."""
+            """Tile ``t``: scores from its ring slot, the slot's refill, the skip decision,
+            then (kept) this tile's V loads and P; then P.V of the previous kept tile, whose
+            V has been in flight meanwhile. Returns the updated scalar state."""
             bs = self.block_size
             page = mBlockTable[req, (t * KV_TILE) // bs]  # for this tile's V (read before: an L1 hit)
             # Tile t's group is complete once at most k_stages - 1 younger ones are pending.

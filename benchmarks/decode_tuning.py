@@ -3,8 +3,9 @@
 For a few (batch, context, page) cells of ``workloads.peaked_decode_batch`` (GQA 32/8,
 d 128, bf16) it times, in one run on the same cache: vLLM's FA3 (the best dense kernel
 on Hopper), and our kernel dense and at factors calibrated to each target sparsity, for
-every K ring depth (``k_stages``) and split count (whole waves of resident warps) (factor calibrated per split count,
-as the split count changes which tiles are eligible). Writes JSON to ``--out``.
+every K ring depth (``k_stages``) and split count (whole waves of resident warps). The
+factors are calibrated per split count, since the split count changes which tiles are
+eligible. Writes JSON to ``--out``.
 
     python benchmarks/decode_tuning.py --out $OUT/decode_tuning.json
 """
@@ -16,19 +17,13 @@ import time
 import torch
 
 from vllm_blackwell_sparse import workloads
-from vllm_blackwell_sparse.bench.decode import calibrate, time_us
+from vllm_blackwell_sparse.bench.decode import calibrate, time_us, vllm_fa_decode
 from vllm_blackwell_sparse.bench.topk import environment
 from vllm_blackwell_sparse.kernels import blasst_decode as bd
 
 CELLS = [(8, 32768, 16), (8, 65536, 16), (8, 131072, 16), (32, 32768, 16), (32, 131072, 16), (64, 32768, 16),
          (64, 131072, 16), (8, 32768, 64), (32, 32768, 64), (64, 131072, 64)]
 SWEEP_MIN_TILES_PER_SPLIT = 16  # looser than the heuristic's floor, so the sweep can see past it
-
-
-def splits_for(waves, batch, hkv, context, sms):
-    """Splits that fill ``waves`` full waves of resident warps (rounded down)."""
-    want = sms * bd.RESIDENT_WARPS_PER_SM * waves // (batch * hkv)
-    return max(1, min(want, -(-context // (bd.KV_TILE * SWEEP_MIN_TILES_PER_SPLIT)), bd.MAX_SPLITS))
 
 
 def main():
@@ -41,7 +36,6 @@ def main():
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     a = ap.parse_args()
-    from vllm.vllm_flash_attn import flash_attn_varlen_func
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     hq, hkv, d = 32, 8, 128
@@ -50,12 +44,10 @@ def main():
     for batch, ctx, page in cells:
         t0 = time.time()
         w = workloads.peaked_decode_batch(batch, ctx, hq, hkv, d, page, device="cuda")
-        q, kc, vc, table, lens, cu = (w[k] for k in ("q", "k_cache", "v_cache", "block_table", "seq_lens", "cu_seqlens_q"))
+        q, kc, vc, table, lens = (w[k] for k in ("q", "k_cache", "v_cache", "block_table", "seq_lens"))
         out = torch.empty_like(q)
         scale = d ** -0.5
-        fa3 = time_us(lambda: flash_attn_varlen_func(
-            q=q, k=kc, v=vc, out=out, cu_seqlens_q=cu, max_seqlen_q=1, seqused_k=lens, max_seqlen_k=ctx,
-            softmax_scale=scale, causal=True, block_table=table, num_splits=0, fa_version=3), 2 * a.iters, a.warmup)
+        fa3 = time_us(vllm_fa_decode(w, out, 3, ctx), 2 * a.iters, a.warmup)
         ref = out.float().clone()
         counts = torch.zeros(batch, 2, dtype=torch.int32, device="cuda")
         ws = bd.decode_workspace(bd.MAX_SPLITS, batch, hq, d, "cuda")
@@ -70,10 +62,10 @@ def main():
         cell = {"batch": batch, "context": ctx, "page": page, "fa3_us": fa3, "runs": []}
         kv_bytes = batch * ctx * hkv * d * 2
         for waves in a.waves:
-            splits = splits_for(waves, batch, hkv, ctx, sms)
+            splits = bd.splits_filling_waves(waves, batch * hkv, ctx, sms, SWEEP_MIN_TILES_PER_SPLIT)
 
             def sparsity_at(f):
-                run(f, splits, 2, count=True)  # sparsity does not depend on k_stages or grid order
+                run(f, splits, 2, count=True)  # sparsity does not depend on k_stages
                 s, e = counts.sum(0).tolist()
                 return s / max(e, 1)
 

@@ -57,34 +57,38 @@ def calibrate(run_sparsity, target: float, hi: float, steps: int = 14):
     return best
 
 
-def bench_cell(batch, context, hq, hkv, page, sparsities, iters, warmup) -> dict:
+def vllm_fa_decode(w: dict, out: torch.Tensor, version: int, max_seq_len: int):
+    """A call of vLLM's FA3 / FA4 (``fa_version``) dense decode on the batch ``w`` of
+    ``workloads.peaked_decode_batch`` (one token per request), writing ``out``."""
     from vllm.vllm_flash_attn import flash_attn_varlen_func
 
+    return lambda: flash_attn_varlen_func(
+        q=w["q"], k=w["k_cache"], v=w["v_cache"], out=out, cu_seqlens_q=w["cu_seqlens_q"], max_seqlen_q=1,
+        seqused_k=w["seq_lens"], max_seqlen_k=max_seq_len, softmax_scale=w["q"].shape[-1] ** -0.5,
+        causal=True, block_table=w["block_table"], num_splits=0, fa_version=version,
+    )
+
+
+def bench_cell(batch, context, hq, hkv, page, sparsities, iters, warmup) -> dict:
     from vllm_blackwell_sparse.kernels import blasst_decode as bd
 
     d = HEAD_DIM
     w = workloads.peaked_decode_batch(batch, context, hq, hkv, d, page, device="cuda")
     q, kc, vc = w["q"], w["k_cache"], w["v_cache"]
-    table, lens, cu = w["block_table"], w["seq_lens"], w["cu_seqlens_q"]
+    table, lens = w["block_table"], w["seq_lens"]
     scale = d ** -0.5
     out = torch.empty_like(q)
     kv_bytes = batch * context * hkv * d * kc.element_size()  # one of K or V
-
-    def fa(version):
-        return lambda: flash_attn_varlen_func(
-            q=q, k=kc, v=vc, out=out, cu_seqlens_q=cu, max_seqlen_q=1, seqused_k=lens, max_seqlen_k=context,
-            softmax_scale=scale, causal=True, block_table=table, num_splits=0, fa_version=version,
-        )
 
     cell = {"batch": batch, "context": context, "num_q_heads": hq, "num_kv_heads": hkv, "head_dim": d, "page": page,
             "workload": w["params"], "kernels": {}}
     for name, version in (("fa3", 3), ("fa4", 4)):
         try:
-            t = time_us(fa(version), iters, warmup)
+            t = time_us(vllm_fa_decode(w, out, version, context), iters, warmup)
             cell["kernels"][name] = {"us": t, "tb_s": 2 * kv_bytes / t / 1e6}
         except Exception as e:  # noqa: BLE001 - recorded, the others still run
             cell["kernels"][name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
-    fa(3)()
+    vllm_fa_decode(w, out, 3, context)()
     reference = out.float().clone()
     dense_times = [k["us"] for k in cell["kernels"].values() if "us" in k]
     best_dense = min(dense_times) if dense_times else None

@@ -111,12 +111,14 @@ def _kernel_module():
             self.k_chunks = head_dim // 16  # k16 steps of Q K^T
             self.v_loads = head_dim // 64  # 16-byte V loads per key and lane
             self.o_tiles = head_dim // 8  # n8 tiles of P V
+            # K ring of one warp: (8 elements, lane, 16-byte piece of the lane, slot).
+            self.ring_shape = (8, 32, 2 * self.k_loads, k_stages)
 
         def smem_carveout_percent(self):
             # Enough shared memory for the resident warps' K rings (plus the 1 KiB the
             # driver reserves per CTA), as a share of the 228 KiB of an sm90/sm100 SM.
             # Explicit, because the DSL's own estimate queries a GPU at compile time.
-            ring = 8 * 32 * 2 * self.k_loads * self.k_stages * self.dtype.width // 8
+            ring = math.prod(self.ring_shape) * self.dtype.width // 8
             warps = max(self.min_warps_per_sm, 1)
             return min(100, -(-100 * warps * (ring + 1024) // (228 * 1024)))
 
@@ -187,9 +189,7 @@ def _kernel_module():
             # 16-byte pieces, and completing its own cp.async groups is all the sync needed.
             # One group per tile, empty past the split's end, so the group count stays uniform.
             smem = cutlass.utils.SmemAllocator()
-            state.sK = smem.allocate_tensor(
-                self.dtype, cute.make_layout((8, 32, 2 * self.k_loads, self.k_stages)), byte_alignment=16
-            )
+            state.sK = smem.allocate_tensor(self.dtype, cute.make_layout(self.ring_shape), byte_alignment=16)
             state.g2s = cute.make_copy_atom(
                 cute.nvgpu.cpasync.CopyG2SOp(cache_mode=cute.nvgpu.cpasync.LoadCacheMode.GLOBAL), self.dtype,
                 num_bits_per_copy=128,
@@ -564,15 +564,24 @@ def num_splits_heuristic(batch: int, num_kv_heads: int, rows_per_kv_head: int, m
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     sms = _SM_COUNT[idx]
-    slots = sms * RESIDENT_WARPS_PER_SM
-    pairs = max(1, batch * num_kv_heads * -(-rows_per_kv_head // Q_TILE_ROWS))
+    warps = max(1, batch * num_kv_heads * -(-rows_per_kv_head // Q_TILE_ROWS))
+    finest = splits_filling_waves(None, warps, max_seq_len, sms, MIN_TILES_PER_SPLIT_ONE_WAVE)
+    if warps * finest <= sms * RESIDENT_WARPS_PER_SM:
+        return finest
+    waves = WAVES_LARGE_BATCH if warps >= sms else WAVES_SMALL_BATCH
+    return splits_filling_waves(waves, warps, max_seq_len, sms, MIN_TILES_PER_SPLIT)
+
+
+def splits_filling_waves(waves: int | None, warps_per_split: int, max_seq_len: int, sm_count: int,
+                         min_tiles_per_split: int) -> int:
+    """Splits whose warps fill ``waves`` whole waves of resident warps (rounded down;
+    None: no wave limit), capped so no split of the longest request has fewer than
+    ``min_tiles_per_split`` tiles, and at ``MAX_SPLITS``."""
     tiles = -(-max(max_seq_len, 1) // KV_TILE)
-    finest = min(-(-tiles // MIN_TILES_PER_SPLIT_ONE_WAVE), MAX_SPLITS)
-    if pairs * finest <= slots:
-        return int(finest)
-    waves = WAVES_LARGE_BATCH if pairs >= sms else WAVES_SMALL_BATCH
-    want = slots * waves // pairs
-    return int(max(1, min(want, -(-tiles // MIN_TILES_PER_SPLIT), MAX_SPLITS)))
+    cap = min(-(-tiles // min_tiles_per_split), MAX_SPLITS)
+    if waves is None:
+        return int(cap)
+    return int(max(1, min(sm_count * RESIDENT_WARPS_PER_SM * waves // max(warps_per_split, 1), cap)))
 
 
 def decode_workspace(num_splits: int, num_tokens: int, num_q_heads: int, head_dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,11 +7,18 @@ import sys
 import pytest
 
 COMPILE = """
-from vllm_blackwell_sparse.kernels.gvr_topk import compile_gvr_topk
+from vllm_blackwell_sparse.kernels.gvr_topk import CLUSTER_COLUMNS_PER_THREAD, compile_gvr_topk, compile_gvr_topk_cluster
 for k in (512, 1024, 2048):
     for has_hint, use_row_slot in ((True, False), (True, True), (False, False)):
         for vec_width in (1, 4):
             compile_gvr_topk(k, has_hint=has_hint, use_row_slot=use_row_slot, vec_width=vec_width)
+# The cluster kernel: every register share size, both CTA sizes, every hint variant and k.
+for per_thread in CLUSTER_COLUMNS_PER_THREAD:
+    compile_gvr_topk_cluster(2048, has_hint=True, use_row_slot=True, per_thread=per_thread)
+for k, ctas, threads in ((512, 8, 256), (1024, 4, 512), (2048, 2, 256)):
+    for has_hint, use_row_slot in ((True, False), (False, False)):
+        compile_gvr_topk_cluster(k, has_hint=has_hint, use_row_slot=use_row_slot, per_thread=16, ctas_per_row=ctas,
+                                 threads=threads)
 print("compiled")
 """
 
@@ -23,11 +30,17 @@ def test_gvr_topk_compiles(arch):
     assert out.returncode == 0 and "compiled" in out.stdout, (out.stdout + out.stderr)[-4000:]
 
 
-def test_gvr_topk_rejects_unsupported_k():
-    from vllm_blackwell_sparse.kernels.gvr_topk import compile_gvr_topk
+def test_gvr_topk_rejects_unsupported_k_and_cluster_shapes():
+    from vllm_blackwell_sparse.kernels.gvr_topk import compile_gvr_topk, compile_gvr_topk_cluster
 
     with pytest.raises(ValueError, match="k must be one of"):
         compile_gvr_topk(100, has_hint=False, use_row_slot=False)
+    with pytest.raises(ValueError, match="k must be one of"):
+        compile_gvr_topk_cluster(100, has_hint=False, use_row_slot=False, per_thread=16)
+    with pytest.raises(ValueError, match="ctas_per_row must be 2/4/8"):
+        compile_gvr_topk_cluster(2048, has_hint=False, use_row_slot=False, per_thread=16, ctas_per_row=16)
+    with pytest.raises(ValueError, match="per_thread one of"):
+        compile_gvr_topk_cluster(2048, has_hint=False, use_row_slot=False, per_thread=12)
 
 
 COMPILE_DECODE = """

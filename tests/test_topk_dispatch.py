@@ -1,13 +1,38 @@
-"""The dispatcher's policy (CPU): GVR only inside the measured crossover, on the measured GPU."""
+"""The dispatcher's measured crossover (CPU: the rule only)."""
 
-from vllm_blackwell_sparse.topk_dispatch import GVR_MIN_COLS, GVR_MIN_ROWS, prefer_gvr
+from vllm_blackwell_sparse.topk_dispatch import (
+    GVR_MIN_COLS,
+    GVR_MIN_ROWS,
+    GVR_SMALL_MAX_COLS,
+    GVR_SMALL_MAX_ROWS,
+    prefer_gvr,
+)
 
 
-def test_gvr_only_from_64_rows_of_64k_columns_on_hopper():
+def test_gvr_for_few_short_rows_and_for_many_long_rows_on_hopper():
     h200 = (9, 0)
     assert prefer_gvr(GVR_MIN_ROWS, GVR_MIN_COLS, 2048, h200)
     assert prefer_gvr(128, 131072, 512, h200)
+    assert prefer_gvr(1, 16384, 2048, h200) and prefer_gvr(GVR_SMALL_MAX_ROWS, GVR_SMALL_MAX_COLS, 2048, h200)
+    assert not prefer_gvr(GVR_SMALL_MAX_ROWS + 1, GVR_SMALL_MAX_COLS, 2048, h200), "between the regions"
+    assert not prefer_gvr(1, GVR_SMALL_MAX_COLS + 4, 2048, h200)
     assert not prefer_gvr(GVR_MIN_ROWS - 1, 131072, 2048, h200)
-    assert not prefer_gvr(128, GVR_MIN_COLS - 1, 2048, h200)
+    assert not prefer_gvr(128, GVR_MIN_COLS - 4, 2048, h200)
     assert not prefer_gvr(128, 131072, 256, h200), "k outside GVR's compiled sizes"
     assert not prefer_gvr(128, 131072, 2048, (10, 0)), "no measurement on Blackwell"
+    assert not prefer_gvr(128, 131072, 2048, h200, aligned=False), "measured with aligned rows only"
+
+
+def test_gvr_default_kernel_always_holds_the_row():
+    """Every cluster variant the default picks has room for the row; other rows get one CTA."""
+    from vllm_blackwell_sparse.kernels.gvr_topk import cluster_columns_per_thread, default_kernel
+
+    for rows in (1, 8, 9, 32, 33, 64, 65, 4096):
+        for cols in (4, 2048, 16384, 32768, 32772, 65536, 65540, 131072, 200000, 262144, 262148, 1 << 20):
+            ctas, threads = default_kernel(rows, cols, True)
+            if ctas > 1:
+                assert cluster_columns_per_thread(cols, ctas, threads) is not None, (rows, cols, ctas, threads)
+            else:
+                assert threads in (512, 1024)
+            assert default_kernel(rows, cols, False)[0] == 1, "unaligned rows take one CTA per row"
+    assert default_kernel(1, 262148, True)[0] == 1, "too wide for the cluster kernel"

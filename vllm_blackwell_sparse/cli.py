@@ -6,6 +6,19 @@ import argparse
 import sys
 
 
+def _gvr_configs(text: str) -> tuple[str, ...]:
+    """``--gvr-configs``: comma-separated GVR variants, each checked here so a typo fails at once."""
+    from vllm_blackwell_sparse.bench.topk import parse_gvr_config
+
+    specs = tuple(text.split(","))
+    for spec in specs:
+        try:
+            parse_gvr_config(spec)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return specs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vbs", description="vllm-blackwell-sparse tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -32,9 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     topk.add_argument("--warmup", type=int, default=10)
     topk.add_argument("--kernels", type=lambda s: s.split(","), default=None, help="subset, comma-separated")
     topk.add_argument(
-        "--gvr-configs", type=lambda s: tuple(tuple(int(v) for v in c.split("x")) for c in s.split(",")),
-        default=((512, 16),),
-        help="GVR tunings THREADSxLOADS[xVEC], comma-separated (VEC 1 or 4: columns per load); the first is unsuffixed",
+        "--gvr-configs", type=_gvr_configs, default=("auto",),
+        help="GVR variants, comma-separated: auto (the kernel's own choice), cN[tT] (a cluster of N CTAs of T threads per row) or "
+        "THREADSxLOADS[xVEC] (one CTA per row with that tuning; VEC 1 or 4 columns per load); the first is unsuffixed",
     )
     topk.add_argument("--out", default="benchmarks/results/topk.json")
     from vllm_blackwell_sparse.bench.dsa import TINY_DSA_DIR  # stdlib-only import: cheap

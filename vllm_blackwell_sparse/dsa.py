@@ -503,7 +503,7 @@ class GvrHintState:
         device = indexer.topk_indices_buffer.device
         if not self.layers:
             self._allocate_shared(vllm_config.scheduler_config.max_num_seqs, indexer.topk_indices_buffer.shape[0], device)
-            _compile_for(indexer.topk_tokens)
+            _compile_for(indexer.topk_tokens, indexer.max_model_len)
             # With speculative decoding, decode rows are tokens, not requests (and may be
             # flattened to one row per token), and draft layers would share the map.
             self.use_hints = vllm_config.speculative_config is None
@@ -617,13 +617,30 @@ def gvr_unsupported_reason(k: int, device: torch.device) -> str | None:
     return None
 
 
-def _compile_for(k: int) -> None:
+def _compile_for(k: int, logits_width: int) -> None:
     # Compile at model load, not at the first decode step (or inside graph capture).
-    from vllm_blackwell_sparse.kernels.gvr_topk import compile_gvr_topk
+    from vllm_blackwell_sparse.kernels.gvr_topk import (
+        cluster_columns_per_thread,
+        compile_gvr_topk,
+        compile_gvr_topk_cluster,
+        default_kernel,
+    )
 
     for vec_width in (1, 4):  # 4 for 16-byte aligned logits rows (vLLM's usual case)
         compile_gvr_topk(k, has_hint=True, use_row_slot=True, vec_width=vec_width)
         compile_gvr_topk(k, has_hint=False, use_row_slot=False, vec_width=vec_width)
+    # Every kernel gvr_topk's default choice can pick for aligned rows of the indexer's
+    # width (max_model_len), whatever the number of rows.
+    for rows in (1, 32, 64, 128):
+        ctas, threads = default_kernel(rows, logits_width, True)
+        for has_hint in (True, False):
+            if ctas == 1:
+                compile_gvr_topk(k, has_hint=has_hint, use_row_slot=has_hint, threads=threads, vec_width=4)
+            else:
+                per_thread = cluster_columns_per_thread(logits_width, ctas, threads)
+                compile_gvr_topk_cluster(
+                    k, has_hint=has_hint, use_row_slot=has_hint, per_thread=per_thread, ctas_per_row=ctas, threads=threads
+                )
     if torch.cuda.get_device_capability()[0] == 10:
         _warn_once("GVR on sm_100 is compile-checked only; it has not been run on Blackwell")
 

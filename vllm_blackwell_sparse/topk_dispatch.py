@@ -1,31 +1,37 @@
 """Decode top-k dispatcher: GVR where it measured faster than vLLM's own kernel, vLLM's elsewhere.
 
-The crossover comes from ``vbs bench topk`` on the H200 (docs/BENCHMARKS.md, DSA-like
-traces, k = 2048): GVR, one CTA per row, beats vLLM's choice (cooperative top-k up to 32
-rows, persistent above) only with at least 64 rows of at least 64K columns; below that
-vLLM's kernels, which spread a row over many CTAs, are faster. Other GPUs have no
-measurement, so they always get vLLM's kernel. vLLM glue: it calls ``torch.ops._C``.
+The crossover comes from ``vbs bench topk`` on the H200 (docs/BENCHMARKS.md, "GVR cluster
+kernel": DSA-like traces, k = 2048, 16-byte aligned rows). GVR (its default kernel choice,
+``gvr_topk.default_kernel``) beats vLLM's choice (cooperative top-k up to 32 rows,
+persistent above) in two regions: up to 8 rows of at most 32K columns (a cluster of 8
+CTAs per row), and from 64 rows of at least 64K columns (two CTAs per row at 64K, one
+beyond). In between vLLM's kernels are faster or level. Other GPUs, unaligned rows and
+k outside GVR's sizes get vLLM's kernel. vLLM glue: it calls ``torch.ops._C``.
 """
 
 from __future__ import annotations
 
 import torch
 
+GVR_SMALL_MAX_ROWS = 8
+GVR_SMALL_MAX_COLS = 32 * 1024
 GVR_MIN_ROWS = 64
 GVR_MIN_COLS = 64 * 1024
-# The GVR tuning that was fastest from 64K columns up (1024 threads, 4 x 128-bit loads).
-GVR_TUNING = {"threads": 1024, "loads_in_flight": 4}
 MEASURED_CAPABILITIES = ((9, 0),)  # where the crossover above was measured
 VLLM_TOPK_WORKSPACE_BYTES = 1024 * 1024  # vLLM 0.26's RADIX_TOPK_WORKSPACE_SIZE
 
 
-def prefer_gvr(rows: int, cols: int, k: int, capability: tuple[int, int]) -> bool:
+def prefer_gvr(rows: int, cols: int, k: int, capability: tuple[int, int], aligned: bool = True) -> bool:
     """Whether GVR is the faster kernel for ``rows`` x ``cols`` logits (the measured crossover).
     ``cols`` is the logits' width; the benchmark's rows were that long. With rows much
     shorter than the width (vLLM's logits are ``max_model_len`` wide) the rule is untested."""
     from vllm_blackwell_sparse.kernels.gvr_topk import SUPPORTED_K
 
-    return capability in MEASURED_CAPABILITIES and k in SUPPORTED_K and rows >= GVR_MIN_ROWS and cols >= GVR_MIN_COLS
+    if capability not in MEASURED_CAPABILITIES or k not in SUPPORTED_K or not aligned:
+        return False
+    small = rows <= GVR_SMALL_MAX_ROWS and cols <= GVR_SMALL_MAX_COLS
+    large = rows >= GVR_MIN_ROWS and cols >= GVR_MIN_COLS
+    return small or large
 
 
 def decode_topk(
@@ -47,11 +53,10 @@ def decode_topk(
     order and were not exact on every row of our traces (docs/BENCHMARKS.md)."""
     rows, cols = logits.shape
     capability = torch.cuda.get_device_capability(logits.device)
-    if prefer_gvr(rows, cols, k, capability):
-        from vllm_blackwell_sparse.kernels.gvr_topk import gvr_topk, rows_are_16b_aligned
+    from vllm_blackwell_sparse.kernels.gvr_topk import gvr_topk, rows_are_16b_aligned
 
-        tuning = GVR_TUNING if rows_are_16b_aligned(logits) else {}  # measured with 128-bit loads only
-        gvr_topk(logits, seq_lens, k, hint=hint, hint_table=hint_table, row_slot=row_slot, out=out, **tuning)
+    if prefer_gvr(rows, cols, k, capability, rows_are_16b_aligned(logits)):
+        gvr_topk(logits, seq_lens, k, hint=hint, hint_table=hint_table, row_slot=row_slot, out=out)
         return "gvr"
     return vllm_decode_topk(logits, seq_lens, k, out, workspace=workspace)
 

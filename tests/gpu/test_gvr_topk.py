@@ -30,14 +30,22 @@ def check_rows(logits, lens, k, out):
     torch.testing.assert_close(torch.sort(got, 1).values, torch.sort(want, 1).values, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("ctas_per_row", [1, 8])
 @pytest.mark.parametrize("k", [512, 1024, 2048])
-def test_fuzz_100k_rows_against_torch_topk(k):
+def test_fuzz_100k_rows_against_torch_topk(k, ctas_per_row):
+    """About 10^5 fresh rows per kernel (a third per k). The cluster kernel (8 CTAs per
+    row) needs 16-byte aligned rows, so its widths are multiples of 4, up to 256K."""
     seed = random.randrange(1 << 30)
     g = torch.Generator(device="cuda").manual_seed(seed)
     total = 0
     while total < 100_000 // 3 + 1:
         rows = random.choice([1, 7, 64, 1000, 4096])
-        n = random.choice([k // 2, k + 1, 3 * k, 16384, 65536]) if rows <= 1000 else random.choice([k + 1, 3 * k, 8192])
+        if ctas_per_row == 1:
+            n = random.choice([k // 2, k + 1, 3 * k, 16384, 65536]) if rows <= 1000 else random.choice([k + 1, 3 * k, 8192])
+        else:
+            n = random.choice([k // 2, k + 4, 3 * k, 16384, 65536, 100000, 262144]) if rows <= 64 else random.choice(
+                [k + 4, 3 * k, 8192, 32768]
+            )
         logits = torch.randn(rows, n, generator=g, device="cuda") * random.choice([1.0, 1e-3, 1e4])
         lens = torch.randint(max(1, n // 2), n + 1, (rows,), generator=g, device="cuda", dtype=torch.int32)
         prev = torch.topk(logits + 0.5 * torch.randn(rows, n, generator=g, device="cuda"), min(k, n), dim=1).indices
@@ -46,20 +54,21 @@ def test_fuzz_100k_rows_against_torch_topk(k):
         choice = random.choice(["true", "none", "random"])
         if choice == "random":
             hint = torch.randint(-3, n + 5, (rows, k), generator=g, device="cuda", dtype=torch.int32)
-        out = gvr_topk(logits, lens, k, hint=None if choice == "none" else hint)
+        out = gvr_topk(logits, lens, k, hint=None if choice == "none" else hint, ctas_per_row=ctas_per_row)
         check_rows(logits, lens, k, out)
         total += rows
     print(f"seed {seed}: {total} rows")
 
 
+@pytest.mark.parametrize("ctas_per_row", [1, 8])
 @pytest.mark.parametrize("kind", ADVERSARIAL_KINDS)
-def test_adversarial_rows_follow_the_tie_rule(kind):
+def test_adversarial_rows_follow_the_tie_rule(kind, ctas_per_row):
     k, n = 512, 6000
     logits = torch.stack([adversarial_topk_row(kind, n, seed=s) for s in range(6)]).cuda()
     lens = torch.tensor([n, 5000, 600, 513, 512, 100], dtype=torch.int32, device="cuda")
     want = topk_reference(logits, lens, k)
     for hint in (None, torch.randint(0, n, (6, k), device="cuda", dtype=torch.int32), want.clone()):
-        out = gvr_topk(logits, lens, k, hint=hint)
+        out = gvr_topk(logits, lens, k, hint=hint, ctas_per_row=ctas_per_row)
         for r in range(6):
             assert set(out[r].tolist()) == set(want[r].tolist()), (kind, r)
 
@@ -193,7 +202,10 @@ def test_load_width_is_chosen_by_alignment_and_both_widths_are_exact_on_ties():
         gvr_topk(base[:, 1:], lens.clamp(max=40003), k, vec_width=4)
 
 
-@pytest.mark.parametrize("rows, n, route", [(8, 70000, "vllm_cooperative"), (40, 20000, "vllm_persistent"), (64, 65536, "gvr")])
+@pytest.mark.parametrize(
+    "rows, n, route",
+    [(8, 70000, "vllm_cooperative"), (40, 20000, "vllm_persistent"), (64, 65536, "gvr"), (4, 16384, "gvr")],
+)
 def test_dispatcher_routes_by_the_crossover_and_stays_exact(rows, n, route):
     from vllm_blackwell_sparse.topk_dispatch import decode_topk
 
@@ -204,3 +216,46 @@ def test_dispatcher_routes_by_the_crossover_and_stays_exact(rows, n, route):
     out = torch.full((rows, k), -1, dtype=torch.int32, device="cuda")
     assert decode_topk(logits, lens, k, out, hint=hint) == route
     check_rows(logits, lens, k, out)
+
+
+@pytest.mark.parametrize("threads", [256, 512])
+@pytest.mark.parametrize("ctas_per_row", [2, 4, 8])
+def test_cluster_kernel_selects_the_same_columns_as_the_one_cta_kernel(ctas_per_row, threads):
+    """Both kernels keep the columns above the k-th value and the lowest-index ties: the
+    same set of columns (the order inside an output row differs), for every register
+    share size, hint kind and row length."""
+    seed = random.randrange(1 << 30)
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    cap = ctas_per_row * threads * 64
+    for k, rows, n in ((512, 40, 4000), (2048, 16, min(cap, 40000)), (1024, 8, min(cap, 100000)), (2048, 3, cap)):
+        for scale, ties in ((1.0, False), (1.0, True), (1e-3, False)):
+            logits = torch.randn(rows, n, generator=g, device="cuda") * scale
+            if ties:
+                logits = torch.round(logits * 4)  # many equal values at the cutoff
+            lens = torch.randint(k // 2, n + 1, (rows,), generator=g, device="cuda", dtype=torch.int32)
+            lens[0] = n
+            true = torch.topk(logits + 0.3 * torch.randn(rows, n, generator=g, device="cuda"), k, dim=1).indices.int()
+            table = torch.cat([true, torch.randint(-2, n + 2, (2, k), generator=g, device="cuda", dtype=torch.int32)])
+            slots = torch.randint(-1, rows + 2, (rows,), generator=g, device="cuda", dtype=torch.int32)
+            for kw in ({"hint": true}, {}, {"hint_table": table, "row_slot": slots}):
+                out = gvr_topk(logits, lens, k, ctas_per_row=ctas_per_row, threads=threads, **kw)
+                check_rows(logits, lens, k, out)
+                one_cta = gvr_topk(logits, lens, k, ctas_per_row=1, **kw)
+                assert torch.equal(out.sort(1).values, one_cta.sort(1).values), (seed, k, n, list(kw))
+                # Deterministic: the same call gives the same row, order included.
+                assert torch.equal(out, gvr_topk(logits, lens, k, ctas_per_row=ctas_per_row, threads=threads, **kw))
+
+
+def test_cluster_kernel_is_the_default_where_it_fits_and_refuses_what_it_cannot_hold():
+    from vllm_blackwell_sparse.kernels.gvr_topk import default_kernel
+
+    x = torch.randn(4, 262148, device="cuda")
+    lens = torch.full((4,), 1000, dtype=torch.int32, device="cuda")
+    assert default_kernel(4, 262144, True)[0] > 1 and default_kernel(4, 262148, True)[0] == 1
+    with pytest.raises(ValueError, match="ctas_per_row"):
+        gvr_topk(x, lens, 512, ctas_per_row=8)  # wider than the cluster kernel holds
+    with pytest.raises(ValueError, match="ctas_per_row"):
+        gvr_topk(x[:, 1:100001], lens, 512, ctas_per_row=8)  # rows not 16-byte aligned
+    with pytest.raises(ValueError, match="ctas_per_row"):
+        gvr_topk(x[:, :4096], lens, 512, ctas_per_row=3)
+    check_rows(x, lens, 512, gvr_topk(x, lens, 512))  # the default falls back to one CTA per row

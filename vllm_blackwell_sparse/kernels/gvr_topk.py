@@ -59,6 +59,11 @@ VEC_WIDTHS = (1, 4)  # columns per load; 4: 128-bit loads, for rows that are 16-
 DEFAULT_LOADS_IN_FLIGHT = {1: 16, 4: 4}
 SUPPORTED_K = (512, 1024, 2048)
 MAX_COLS = 1 << 24  # column indices and counts stay far inside int32
+# The cluster kernel: CTAs per row, threads per CTA, and the register shares (columns per
+# thread) it is compiled for; 8 x 512 x 64 holds rows of up to 256K columns.
+CLUSTER_CTAS = 8
+CLUSTER_THREADS = 512
+CLUSTER_COLUMNS_PER_THREAD = (8, 16, 32, 48, 64)
 
 _COMPILED: dict[tuple, object] = {}
 
@@ -103,6 +108,31 @@ def _kernel_module():
             valid.append([c < col_end for c in cs])
             cols.append(cs)
         return keys, valid, cols
+
+    from cutlass._mlir.dialects import llvm, nvvm
+    from cutlass.cutlass_dsl import T, dsl_user_op
+
+    @dsl_user_op
+    def _peer_address(smem_ptr, peer, *, loc=None, ip=None):
+        """``smem_ptr``'s address in the shared memory of the cluster's CTA ``peer``."""
+        return nvvm.mapa(
+            llvm.PointerType.get(cute.AddressSpace.dsmem),
+            smem_ptr.to_llvm_ptr(loc=loc, ip=ip),
+            Int32(peer).ir_value(loc=loc, ip=ip),
+            loc=loc,
+            ip=ip,
+        )
+
+    @dsl_user_op
+    def load_peer_i32(smem_ptr, peer, *, loc=None, ip=None):
+        """Int32 at ``smem_ptr`` in CTA ``peer``'s shared memory (``ld.shared::cluster``).
+        A plain LLVM load, so the compiler keeps it after the cluster barrier."""
+        return Int32(llvm.load(T.i32(), _peer_address(smem_ptr, peer, loc=loc, ip=ip), loc=loc, ip=ip))
+
+    @dsl_user_op
+    def store_peer_i32(smem_ptr, peer, value, *, loc=None, ip=None):
+        """Store an Int32 at ``smem_ptr`` in CTA ``peer``'s shared memory."""
+        llvm.store(Int32(value).ir_value(loc=loc, ip=ip), _peer_address(smem_ptr, peer, loc=loc, ip=ip), loc=loc, ip=ip)
 
     @cute.jit
     def warp_inclusive_scan(val, lane):
@@ -203,6 +233,65 @@ def _kernel_module():
                     sPick[1] = at_or_above
                     sPick[2] = above
             cute.arch.barrier()
+
+        @cute.jit
+        def refine_and_emit(
+            self, mOut, row, sCandKey, sCandIdx, n_cand, thresh, shift, count_gt_bin, sSuffix, sRed, sPick, tidx,
+            out_base,
+        ):
+            """Steps 4 and 5 over the ``n_cand`` candidates (``key >= thresh``, in column
+            order) in ``sCandKey`` / ``sCandIdx``, of which ``count_gt_bin`` lie above
+            thresh's bin: radix-select the k-th largest key K* (only the low ``shift`` bits
+            are unknown), then write the candidates above K* and the first ties to row
+            ``row`` of ``mOut`` from column ``out_base`` on (0 when the candidates are all
+            the survivors; the cluster kernel passes only the bin and writes the rest
+            itself). Every thread of the CTA must call it."""
+            k = self.k
+            # ---- 4. refine: radix-select K* among the low `shift` bits ----
+            prefix = thresh
+            need = k - count_gt_bin  # rank of K* inside the chosen bin
+            s = shift
+            while s > 0:
+                d_shift = cutlass.max(s - 8, Int32(0))
+                width = s - d_shift
+                nb = Int32(1) << width
+                for b in cutlass.range(tidx, BINS, self.threads):
+                    sSuffix[b] = 0
+                cute.arch.barrier()
+                for i in cutlass.range(tidx, n_cand, self.threads):
+                    key = sCandKey[i]
+                    if (key >> Uint32(s)) == (prefix >> Uint32(s)):
+                        d = Int32((key >> Uint32(d_shift)) & Uint32(nb - 1))
+                        cute.arch.atomic_add(sSuffix.iterator + d, Int32(1))
+                cute.arch.barrier()
+                self.find_crossing_bin(sSuffix, Int32(0), need, sRed, sPick, tidx)
+                prefix = prefix | (Uint32(sPick[0]) << Uint32(d_shift))
+                need = need - sPick[2]  # rank inside the chosen digit
+                s = d_shift
+                cute.arch.barrier()
+            kstar = prefix
+            need_ties = need
+            # ---- emit: survivors > K*, then the first need_ties equal to K* ----
+            per = (n_cand + self.threads - 1) // self.threads
+            i0 = tidx * per
+            i1 = cutlass.min(i0 + per, n_cand)
+            n_gt = Int32(0)
+            n_eq = Int32(0)
+            for i in cutlass.range(i0, i1):
+                key = sCandKey[i]
+                n_gt += Int32(key > kstar)
+                n_eq += Int32(key == kstar)
+            gt_base, total_gt = self.block_exclusive_scan(n_gt, sRed, tidx)
+            eq_base, _ = self.block_exclusive_scan(n_eq, sRed, tidx)
+            for i in cutlass.range(i0, i1):
+                key = sCandKey[i]
+                if key > kstar:
+                    mOut[row, out_base + gt_base] = sCandIdx[i]
+                    gt_base += 1
+                elif key == kstar:
+                    if eq_base < need_ties:
+                        mOut[row, out_base + total_gt + eq_base] = sCandIdx[i]
+                    eq_base += 1
 
         # --- the kernel -----------------------------------------------------------------
 
@@ -395,55 +484,329 @@ def _kernel_module():
                                     o += keep[i]
                                 pos += cute.arch.shuffle_sync(inc, 31)
                     cute.arch.barrier()
-                    n_cand = count_ge
+                    self.refine_and_emit(
+                        mOut, row, sCandKey, sCandIdx, count_ge, thresh, shift, count_gt_bin, sSuffix, sRed, sPick, tidx,
+                        Int32(0),
+                    )
 
-                    # ---- 4. refine: radix-select K* among the low `shift` bits ----
-                    prefix = thresh
-                    need = k - count_gt_bin  # rank of K* inside the chosen bin
-                    s = shift
-                    while s > 0:
-                        d_shift = cutlass.max(s - 8, Int32(0))
-                        width = s - d_shift
-                        nb = Int32(1) << width
-                        for b in cutlass.range(tidx, BINS, self.threads):
-                            sSuffix[b] = 0
-                        cute.arch.barrier()
-                        for i in cutlass.range(tidx, n_cand, self.threads):
-                            key = sCandKey[i]
-                            if (key >> Uint32(s)) == (prefix >> Uint32(s)):
-                                d = Int32((key >> Uint32(d_shift)) & Uint32(nb - 1))
-                                cute.arch.atomic_add(sSuffix.iterator + d, Int32(1))
-                        cute.arch.barrier()
-                        self.find_crossing_bin(sSuffix, Int32(0), need, sRed, sPick, tidx)
-                        prefix = prefix | (Uint32(sPick[0]) << Uint32(d_shift))
-                        need = need - sPick[2]  # rank inside the chosen digit
-                        s = d_shift
-                        cute.arch.barrier()
-                    kstar = prefix
-                    need_ties = need
-                    # ---- emit: survivors > K*, then the first need_ties equal to K* ----
-                    per = (n_cand + self.threads - 1) // self.threads
-                    i0 = tidx * per
-                    i1 = cutlass.min(i0 + per, n_cand)
-                    n_gt = Int32(0)
-                    n_eq = Int32(0)
-                    for i in cutlass.range(i0, i1):
-                        key = sCandKey[i]
-                        n_gt += Int32(key > kstar)
-                        n_eq += Int32(key == kstar)
-                    gt_base, total_gt = self.block_exclusive_scan(n_gt, sRed, tidx)
-                    eq_base, _ = self.block_exclusive_scan(n_eq, sRed, tidx)
-                    for i in cutlass.range(i0, i1):
-                        key = sCandKey[i]
-                        if key > kstar:
-                            mOut[row, gt_base] = sCandIdx[i]
-                            gt_base += 1
-                        elif key == kstar:
-                            if eq_base < need_ties:
-                                mOut[row, total_gt + eq_base] = sCandIdx[i]
-                            eq_base += 1
+    class GvrTopKCluster(GvrTopKSm90):
+        """A thread-block cluster of ``cluster`` CTAs per row; each CTA keeps its share of
+        the row in registers (``per_thread`` columns per thread), so the verify rounds
+        re-read nothing from memory. The CTAs agree on every decision through distributed
+        shared memory: each publishes its 256-bin histogram, a cluster barrier, then every
+        CTA sums all of them and takes the same decision.
 
-    return GvrTopKSm90
+        It ends differently from the one-CTA kernel: once the bin holding the k-th key
+        (the crossing bin) has at most ``cap`` keys, every CTA writes its keys above that
+        bin straight to the output (column-ordered offsets from prefix sums over CTAs,
+        warps and lanes), and only the crossing bin's keys go to the leader CTA's shared
+        memory, where the radix refine picks the rest. With a good hint that bin holds a
+        few hundred keys instead of the ~k survivors the one-CTA kernel refines."""
+
+        def __init__(self, k, has_hint, use_row_slot, threads, cluster, per_thread):
+            super().__init__(k, has_hint, use_row_slot, threads, per_thread // 4, 4)
+            self.cluster = cluster
+            self.groups = per_thread // 4  # 128-bit loads per lane
+            self.capacity = cluster * threads * per_thread  # columns a row may have
+            # The leader holds only the crossing bin's keys: at most k (a fuller bin is
+            # narrowed by one more round), which keeps shared memory, and so occupancy, small.
+            self.cap = k
+
+        @cute.jit
+        def __call__(self, mBits, mLens, mHint, mRowSlot, mOut, stream):
+            self.kernel(mBits, mLens, mHint, mRowSlot, mOut).launch(
+                grid=[self.cluster, mOut.shape[0], 1],
+                block=[self.threads, 1, 1],
+                cluster=[self.cluster, 1, 1],
+                stream=stream,
+            )
+
+        @cute.jit
+        def cluster_sync(self):
+            # arrive has release and wait acquire semantics: shared-memory writes made
+            # before the barrier are visible to every CTA of the cluster after it.
+            cute.arch.cluster_arrive()
+            cute.arch.cluster_wait()
+
+        @cute.jit
+        def block_sum_pair(self, a, b, sRed2, tidx):
+            """Block-wide sums of two Int32 with one pair of barriers."""
+            lane, warp = tidx % 32, tidx // 32
+            va = cute.arch.warp_reduction_sum(a)
+            vb = cute.arch.warp_reduction_sum(b)
+            cute.arch.barrier()
+            if lane == 0:
+                sRed2[warp, 0] = va
+                sRed2[warp, 1] = vb
+            cute.arch.barrier()
+            ta = Int32(0)
+            tb = Int32(0)
+            for w in cutlass.range_constexpr(self.warps):
+                ta += sRed2[w, 0]
+                tb += sRed2[w, 1]
+            return ta, tb
+
+        @cute.jit
+        def block_hint_stats(self, nvalid, hmin, hmax, sRed2, sRedU2, tidx):
+            """Block-wide (sum, min, max) of the hint statistics with one pair of barriers."""
+            lane, warp = tidx % 32, tidx // 32
+            n = cute.arch.warp_reduction_sum(nvalid)
+            for i in cutlass.range_constexpr(5):
+                hmin = cutlass.min(hmin, cute.arch.shuffle_sync_bfly(hmin, offset=1 << i))
+                hmax = cutlass.max(hmax, cute.arch.shuffle_sync_bfly(hmax, offset=1 << i))
+            cute.arch.barrier()
+            if lane == 0:
+                sRed2[warp, 0] = n
+                sRedU2[warp, 0] = hmin
+                sRedU2[warp, 1] = hmax
+            cute.arch.barrier()
+            n = sRed2[0, 0]
+            lo = sRedU2[0, 0]
+            hi = sRedU2[0, 1]
+            for w in cutlass.range_constexpr(1, self.warps):
+                n += sRed2[w, 0]
+                lo = cutlass.min(lo, sRedU2[w, 0])
+                hi = cutlass.max(hi, sRedU2[w, 1])
+            return n, lo, hi
+
+        @cute.kernel
+        def kernel(self, mBits, mLens, mHint, mRowSlot, mOut):
+            tidx, _, _ = cute.arch.thread_idx()
+            _, row, _ = cute.arch.block_idx()
+            rank = cute.arch.block_idx_in_cluster()
+            lane, warp = tidx % 32, tidx // 32
+            k = self.k
+            cap = self.cap
+            C = self.cluster
+
+            smem = cutlass.utils.SmemAllocator()
+            sHist = smem.allocate_tensor(Int32, cute.make_layout((BINS, self.warps), stride=(1, BINS)), 16)
+            sCandKey = smem.allocate_tensor(Uint32, cute.make_layout(cap), 16)  # used in the leader only
+            sCandIdx = smem.allocate_tensor(Int32, cute.make_layout(cap), 16)
+            sRed = smem.allocate_tensor(Int32, cute.make_layout(self.warps), 16)
+            sRed2 = smem.allocate_tensor(Int32, cute.make_layout((self.warps, 2), stride=(2, 1)), 16)
+            sRedU2 = smem.allocate_tensor(Uint32, cute.make_layout((self.warps, 2), stride=(2, 1)), 16)
+            sWarp = smem.allocate_tensor(Int32, cute.make_layout(self.warps), 16)
+            sWarpTie = smem.allocate_tensor(Int32, cute.make_layout(self.warps), 16)
+            sSuffix = smem.allocate_tensor(Int32, cute.make_layout(BINS + 1), 16)
+            sPick = smem.allocate_tensor(Int32, cute.make_layout(4), 16)
+            # Read by the other CTAs of the cluster: hint statistics (min key, max key,
+            # valid count) and, double-buffered by round parity so that a round's writes
+            # never race the previous round's remote reads, this CTA's histogram
+            # (bins 0..255, then the count above the window at BINS).
+            sStats = smem.allocate_tensor(Int32, cute.make_layout(4), 16)
+            sShare = smem.allocate_tensor(Int32, cute.make_layout((BINS + 4, 2), stride=(1, BINS + 4)), 16)
+
+            length = cutlass.min(mLens[row], mBits.shape[1])
+            length = cutlass.max(length, Int32(0))
+            mChunks = cute.zipped_divide(mBits[row, None], (4,))
+
+            if length <= k:
+                if rank == 0:
+                    for j in cutlass.range(tidx, k, self.threads):
+                        mOut[row, j] = Int32(cutlass.select_(j < length, j, Int32(-1)))
+            else:
+                # The hinted columns this CTA gathers (k / C of them), loaded first: the
+                # gather of their values depends on them.
+                share = k // C
+                per = -(-share // self.threads)
+                js = [tidx + u * self.threads for u in range(per)]
+                hint_ok = False
+                hint_cols = [Int32(-1) for _ in range(per)]
+                if const_expr(self.has_hint):
+                    slot = row
+                    if const_expr(self.use_row_slot):
+                        slot = mRowSlot[row]
+                    hint_ok = slot >= 0 and slot < mHint.shape[0]  # a slot outside the table is "no hint"
+                    safe_slot = cutlass.max(cutlass.min(slot, mHint.shape[0] - 1), Int32(0))
+                    hint_cols = [mHint[safe_slot, cutlass.min(rank * share + j, Int32(k - 1))] for j in js]
+
+                # This warp's columns [seg_lo, seg_hi): CTA r holds the r-th of C equal
+                # parts, each split evenly over its warps in units of 128 columns.
+                seg = ((length + C * self.warps * 128 - 1) // (C * self.warps * 128)) * 128
+                seg_lo = (rank * self.warps + warp) * seg
+                seg_hi = cutlass.min(seg_lo + seg, length)
+                # ---- 0. the row into registers: group g of a lane holds the 4 columns
+                # from seg_lo + (32 g + lane) * 4; columns past seg_hi get key 0, which no
+                # value has (the smallest key, -inf's, is 0x007FFFFF).
+                frags = []
+                for g in cutlass.range_constexpr(self.groups):
+                    frag = cute.make_rmem_tensor((4,), Int32)
+                    first = seg_lo + (32 * g + lane) * 4
+                    cute.autovec_copy(mChunks[None, cutlass.min(first, length - 1) // 4], frag)
+                    frags.append(frag)
+
+                # ---- 1. guess: statistics of the hinted keys ----
+                hmin = Uint32(0xFFFFFFFF)
+                hmax = Uint32(0)
+                nvalid = Int32(0)
+                if const_expr(self.has_hint):
+                    raw = [mBits[row, cutlass.max(cutlass.min(c, length - 1), Int32(0))] for c in hint_cols]
+                    for u in cutlass.range_constexpr(per):
+                        if hint_ok and js[u] < share and hint_cols[u] >= 0 and hint_cols[u] < length:
+                            key = ordered_key(raw[u])
+                            hmin = cutlass.min(hmin, key)
+                            hmax = cutlass.max(hmax, key)
+                            nvalid += 1
+                keys = []
+                for g in cutlass.range_constexpr(self.groups):
+                    first = seg_lo + (32 * g + lane) * 4
+                    for i in cutlass.range_constexpr(4):
+                        keys.append(Uint32(cutlass.select_(first + i < seg_hi, ordered_key(frags[g][i]), Uint32(0))))
+                nvalid, hmin, hmax = self.block_hint_stats(nvalid, hmin, hmax, sRed2, sRedU2, tidx)
+                if tidx == 0:
+                    sStats[0] = Int32(hmin)
+                    sStats[1] = Int32(hmax)
+                    sStats[2] = nvalid
+                self.cluster_sync()
+                lo = Uint32(0xFFFFFFFF)
+                hi = Uint32(0)
+                nvalid = Int32(0)
+                for r in cutlass.range_constexpr(C):
+                    lo = cutlass.min(lo, Uint32(load_peer_i32(sStats.iterator, r)))
+                    hi = cutlass.max(hi, Uint32(load_peer_i32(sStats.iterator + 1, r)))
+                    nvalid += load_peer_i32(sStats.iterator + 2, r)
+                shift = Int32(24)
+                if nvalid > 0:
+                    shift = Int32(0)
+                    while ((hi >> Uint32(shift)) - (lo >> Uint32(shift))) >= Uint32(BINS):
+                        shift += 1
+                    lo = (lo >> Uint32(shift)) << Uint32(shift)
+                else:
+                    lo = Uint32(0)
+
+                # ---- 2. verify: histogram rounds over the registers until the crossing
+                # bin holds at most cap keys ----
+                done = Int32(0)
+                thr_bin = Int32(0)
+                parity = Int32(0)
+                while done == 0:
+                    for b in cutlass.range(lane, BINS, 32):
+                        sHist[b, warp] = 0
+                    cute.arch.barrier()
+                    above = Int32(0)
+                    for j in cutlass.range_constexpr(len(keys)):
+                        key = keys[j]
+                        if key != Uint32(0) and key >= lo:
+                            b = (key - lo) >> Uint32(shift)
+                            if b >= Uint32(BINS):
+                                above += 1
+                            else:
+                                cute.arch.atomic_add(sHist.iterator + (Int32(b) + warp * BINS), Int32(1))
+                    above_w = cute.arch.warp_reduction_sum(above)
+                    if lane == 0:
+                        sWarp[warp] = above_w
+                    cute.arch.barrier()
+                    # Entries 0..BINS-1 are the bins, entry BINS the count above the window.
+                    for e in cutlass.range(tidx, BINS + 1, self.threads):
+                        tot = Int32(0)
+                        if e < BINS:
+                            for w in cutlass.range_constexpr(self.warps):
+                                tot += sHist[e, w]
+                        else:
+                            for w in cutlass.range_constexpr(self.warps):
+                                tot += sWarp[w]
+                        sShare[e, parity] = tot
+                    self.cluster_sync()
+                    for e in cutlass.range(tidx, BINS + 1, self.threads):
+                        tot = Int32(0)
+                        for r in cutlass.range_constexpr(C):
+                            tot += load_peer_i32(sShare.iterator + (e + parity * (BINS + 4)), r)
+                        sSuffix[e] = tot
+                    cute.arch.barrier()
+                    self.find_crossing_bin(sSuffix, sSuffix[BINS], k, sRed, sPick, tidx)
+                    best = sPick[0]
+                    in_bin = sPick[1] - sPick[2]
+                    if best < 0:
+                        lo = Uint32(0)
+                        shift = Int32(24)
+                    elif in_bin <= cap or shift == 0:
+                        done = Int32(1)
+                        thr_bin = best
+                    else:
+                        lo = lo + (Uint32(best) << Uint32(shift))
+                        shift = cutlass.max(shift - 8, Int32(0))
+                    parity = 1 - parity
+                    cute.arch.barrier()
+                parity = 1 - parity  # the buffer of the deciding round
+                count_gt_bin = sPick[2]  # keys above the crossing bin: all of them are kept
+                in_bin = sPick[1] - count_gt_bin
+                need = k - count_gt_bin  # how many of the crossing bin's keys are kept
+
+                # ---- 3. offsets: keys above the crossing bin and keys in it, of the
+                # lower-ranked CTAs (their published histograms), then of this CTA's lower warps ----
+                gt_before = Int32(0)
+                bin_before = Int32(0)
+                for e in cutlass.range(tidx, BINS + 1, self.threads):
+                    for r in cutlass.range_constexpr(C - 1):
+                        if r < rank:
+                            v = load_peer_i32(sShare.iterator + (e + parity * (BINS + 4)), r)
+                            if e > thr_bin:
+                                gt_before += v
+                            if e == thr_bin:
+                                bin_before += v
+                gt_before, bin_before = self.block_sum_pair(gt_before, bin_before, sRed2, tidx)
+                gt_w = Int32(0)
+                for b in cutlass.range(thr_bin + 1 + lane, BINS, 32):
+                    gt_w += sHist[b, warp]
+                gt_w = cute.arch.warp_reduction_sum(gt_w) + sWarp[warp]
+                bin_w = sHist[thr_bin, warp]
+                cute.arch.barrier()
+                if lane == 0:
+                    sWarp[warp] = gt_w
+                    sWarpTie[warp] = bin_w
+                cute.arch.barrier()
+                gt_pos = gt_before
+                bin_pos = bin_before
+                for w in cutlass.range_constexpr(self.warps):
+                    if w < warp:
+                        gt_pos += sWarp[w]
+                        bin_pos += sWarpTie[w]
+
+                # ---- 4. emit the keys above the crossing bin; the crossing bin's keys go
+                # to the leader (or, when the bin is a single key, the first `need` of
+                # them in column order are emitted here too) ----
+                for g in cutlass.range_constexpr(self.groups):
+                    first = seg_lo + (32 * g + lane) * 4
+                    gt = []
+                    inb = []
+                    for i in cutlass.range_constexpr(4):
+                        key = keys[4 * g + i]
+                        b = (key - lo) >> Uint32(shift)
+                        live = key != Uint32(0) and key >= lo
+                        gt.append(Int32(live and b > Uint32(thr_bin)))
+                        inb.append(Int32(live and b == Uint32(thr_bin)))
+                    n_gt = gt[0] + gt[1] + gt[2] + gt[3]
+                    n_in = inb[0] + inb[1] + inb[2] + inb[3]
+                    if cute.arch.vote_any_sync(n_gt + n_in > 0):
+                        inc_gt = warp_inclusive_scan(n_gt, lane)
+                        inc_in = warp_inclusive_scan(n_in, lane)
+                        o = gt_pos + inc_gt - n_gt
+                        p = bin_pos + inc_in - n_in
+                        for i in cutlass.range_constexpr(4):
+                            if gt[i] == 1:
+                                mOut[row, o] = first + i
+                            if inb[i] == 1:
+                                if shift == 0:
+                                    if p < need:
+                                        mOut[row, count_gt_bin + p] = first + i
+                                else:
+                                    store_peer_i32(sCandKey.iterator + p, 0, keys[4 * g + i])
+                                    store_peer_i32(sCandIdx.iterator + p, 0, first + i)
+                            o += gt[i]
+                            p += inb[i]
+                        gt_pos += cute.arch.shuffle_sync(inc_gt, 31)
+                        bin_pos += cute.arch.shuffle_sync(inc_in, 31)
+                # Makes the leader's candidates visible to it, and keeps every CTA alive
+                # until no other CTA reads its shared memory.
+                self.cluster_sync()
+                if shift != 0 and rank == 0:
+                    self.refine_and_emit(
+                        mOut, row, sCandKey, sCandIdx, in_bin, lo + (Uint32(thr_bin) << Uint32(shift)), shift,
+                        count_gt_bin, sSuffix, sRed, sPick, tidx, count_gt_bin,
+                    )
+
+    return GvrTopKSm90, GvrTopKCluster
 
 
 def compile_gvr_topk(
@@ -463,10 +826,6 @@ def compile_gvr_topk(
     ``vec_width`` 4 compiles 128-bit row loads: the logits must then be 16-byte aligned
     with a column count and row stride divisible by 4 (:func:`gvr_topk` checks).
     """
-    import cutlass
-    import cutlass.cute as cute
-    from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream, make_fake_tensor
-
     if k not in SUPPORTED_K:
         raise ValueError(f"k must be one of {SUPPORTED_K}, got {k}")
     if loads_in_flight is None:
@@ -479,7 +838,19 @@ def compile_gvr_topk(
     key = (k, has_hint, use_row_slot, threads, loads_in_flight, vec_width, target_arch())
     if key in _COMPILED:
         return _COMPILED[key]
-    op = _kernel_module()(k, has_hint, use_row_slot, threads, loads_in_flight, vec_width)
+    one_cta_cls, _ = _kernel_module()
+    op = one_cta_cls(k, has_hint, use_row_slot, threads, loads_in_flight, vec_width)
+    compiled = _compile_with_fake_tensors(op, k, vec_width)
+    _COMPILED[key] = compiled
+    return compiled
+
+
+def _compile_with_fake_tensors(op, k: int, vec_width: int):
+    """cute.compile ``op`` on fake tensors with symbolic rows / columns / row stride / slots."""
+    import cutlass
+    import cutlass.cute as cute
+    from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream, make_fake_tensor
+
     rows, slots = cute.sym_int(), cute.sym_int()
     cols, stride = cute.sym_int(divisibility=vec_width), cute.sym_int(divisibility=vec_width)
     bits = make_fake_tensor(cutlass.Int32, (rows, cols), stride=(stride, 1), assumed_align=4 * vec_width)
@@ -488,7 +859,43 @@ def compile_gvr_topk(
     row_slot = make_fake_compact_tensor(cutlass.Int32, (rows,))
     out = make_fake_compact_tensor(cutlass.Int32, (rows, k), stride_order=(1, 0))
     stream = make_fake_stream(use_tvm_ffi_env_stream=True)  # the caller's current torch stream
-    compiled = cute.compile(op, bits, lens, hint, row_slot, out, stream, options="--enable-tvm-ffi")
+    return cute.compile(op, bits, lens, hint, row_slot, out, stream, options="--enable-tvm-ffi")
+
+
+def cluster_columns_per_thread(cols: int, ctas_per_row: int = CLUSTER_CTAS, threads: int = CLUSTER_THREADS) -> int | None:
+    """The register share per thread (columns) of the cluster kernel for rows of ``cols``
+    columns: the smallest compiled size that holds the row, or None when none does."""
+    for per_thread in CLUSTER_COLUMNS_PER_THREAD:
+        if ctas_per_row * threads * per_thread >= cols:
+            return per_thread
+    return None
+
+
+def compile_gvr_topk_cluster(
+    k: int,
+    *,
+    has_hint: bool,
+    use_row_slot: bool,
+    per_thread: int,
+    ctas_per_row: int = CLUSTER_CTAS,
+    threads: int = CLUSTER_THREADS,
+):
+    """Compile (once per variant and target arch) the cluster kernel: ``ctas_per_row`` CTAs
+    of ``threads`` threads per row, ``per_thread`` columns per thread in registers (rows of
+    up to ``ctas_per_row * threads * per_thread`` columns, 16-byte aligned)."""
+    if k not in SUPPORTED_K:
+        raise ValueError(f"k must be one of {SUPPORTED_K}, got {k}")
+    if ctas_per_row not in (2, 4, 8) or threads not in (256, 512) or per_thread not in CLUSTER_COLUMNS_PER_THREAD:
+        raise ValueError(
+            f"ctas_per_row must be 2/4/8, threads 256/512 and per_thread one of {CLUSTER_COLUMNS_PER_THREAD}, "
+            f"got {ctas_per_row}, {threads}, {per_thread}"
+        )
+    key = ("cluster", k, has_hint, use_row_slot, per_thread, ctas_per_row, threads, target_arch())
+    if key in _COMPILED:
+        return _COMPILED[key]
+    _, cluster_cls = _kernel_module()
+    op = cluster_cls(k, has_hint, use_row_slot, threads, ctas_per_row, per_thread)
+    compiled = _compile_with_fake_tensors(op, k, 4)
     _COMPILED[key] = compiled
     return compiled
 
@@ -503,9 +910,10 @@ def gvr_topk(
     row_slot: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     workspace: torch.Tensor | None = None,
-    threads: int = DEFAULT_THREADS,
+    threads: int | None = None,
     loads_in_flight: int | None = None,
     vec_width: int | None = None,
+    ctas_per_row: int | None = None,
 ) -> torch.Tensor:
     """Exact top-k column indices of each fp32 logits row (semantics: ``reference/topk.py``).
 
@@ -515,11 +923,15 @@ def gvr_topk(
     row). Hints only change speed. ``out``: preallocated int32 ``[rows, k]``; with it
     the call allocates nothing and can be captured in a CUDA graph. ``workspace`` is
     accepted for interface compatibility and unused (all scratch is shared memory).
-    ``threads`` (per CTA) and ``loads_in_flight`` (per lane) are tuning knobs; the
-    defaults (``loads_in_flight`` per load width: ``DEFAULT_LOADS_IN_FLIGHT``) are what
-    the H200 measurements in docs/BENCHMARKS.md used. ``vec_width``:
-    columns per load, 4 (128-bit loads) or 1; default 4 when the rows are 16-byte
-    aligned (:func:`rows_are_16b_aligned`), else 1. The result does not depend on it.
+    Which kernel: ``ctas_per_row`` 1 runs one CTA per row (``threads`` 256/512/1024,
+    ``loads_in_flight`` per lane and ``vec_width`` tune it; ``vec_width`` is the columns
+    per load, 4 (128-bit loads, the default for 16-byte aligned rows, see
+    :func:`rows_are_16b_aligned`) or 1). ``ctas_per_row`` 2, 4 or 8 runs a thread-block
+    cluster of that many CTAs (``threads`` 256 or 512 each) per row, holding the row in
+    registers: it needs 16-byte aligned rows of at most ``ctas_per_row * threads * 64``
+    columns. None (the default) takes :func:`default_kernel`'s choice, or one CTA per row
+    when ``loads_in_flight``, ``vec_width`` or ``threads=1024`` is given. No choice
+    changes the result, index for index up to the order of the output row.
     """
     if logits.dim() != 2 or logits.dtype != torch.float32:
         raise ValueError(f"logits must be a 2-D float32 tensor, got {tuple(logits.shape)} {logits.dtype}")
@@ -554,12 +966,37 @@ def gvr_topk(
         return out
     has_hint = table is not None
     use_row_slot = hint_table is not None
+    aligned = rows_are_16b_aligned(logits)
+    if ctas_per_row is None:
+        # A tuning of the one-CTA kernel asks for that kernel.
+        if loads_in_flight is not None or vec_width is not None or threads == 1024:
+            ctas_per_row = 1
+        else:
+            ctas_per_row, default_threads = default_kernel(rows, cols, aligned)
+            threads = threads or default_threads
+    if ctas_per_row != 1:
+        threads = threads or CLUSTER_THREADS
+        per_thread = None
+        if ctas_per_row in (2, 4, 8) and threads in (256, 512):
+            per_thread = cluster_columns_per_thread(cols, ctas_per_row, threads)
+        if per_thread is None or not aligned:
+            raise ValueError(
+                f"ctas_per_row must be 1, or 2/4/8 (threads 256/512) for 16-byte aligned rows of at most "
+                f"ctas_per_row * threads * {CLUSTER_COLUMNS_PER_THREAD[-1]} columns; got ctas_per_row={ctas_per_row}, "
+                f"threads={threads} for {cols} columns ({'aligned' if aligned else 'not 16-byte aligned'})"
+            )
+        fn = compile_gvr_topk_cluster(
+            k, has_hint=has_hint, use_row_slot=use_row_slot, per_thread=per_thread, ctas_per_row=ctas_per_row,
+            threads=threads,
+        )
+        fn(logits.view(torch.int32), lens, table if has_hint else out, row_slot if use_row_slot else lens, out)
+        return out
     if vec_width is None:
         vec_width = 4 if rows_are_16b_aligned(logits) else 1
     elif vec_width == 4 and not rows_are_16b_aligned(logits):
         raise ValueError("vec_width=4 needs 16-byte aligned logits rows (data pointer, row stride and columns)")
     fn = compile_gvr_topk(
-        k, has_hint=has_hint, use_row_slot=use_row_slot, threads=threads, loads_in_flight=loads_in_flight,
+        k, has_hint=has_hint, use_row_slot=use_row_slot, threads=threads or DEFAULT_THREADS, loads_in_flight=loads_in_flight,
         vec_width=vec_width,
     )
     # Without a hint (or row_slot) the kernel never reads those arguments; pass
@@ -573,6 +1010,32 @@ def gvr_topk(
         out,
     )
     return out
+
+
+def default_kernel(rows: int, cols: int, aligned: bool) -> tuple[int, int]:
+    """(ctas_per_row, threads) that :func:`gvr_topk` runs by default for ``rows`` rows of
+    ``cols`` columns: the fastest of the cluster variants (2/4/8 CTAs of 256/512 threads)
+    and the one-CTA kernel (1024 threads) in the H200 sweep of docs/BENCHMARKS.md ("GVR
+    cluster kernel"), per bucket of rows and width. Few rows want many CTAs per row; many
+    rows want few, so that all of them are resident at once; past 64 rows of more than
+    64K columns the rows no longer fit in the register files and one CTA per row, which
+    streams the row from L2, is fastest. Unaligned rows and rows wider than 256K columns
+    (unmeasured: the smallest-rows rule of 128K is applied up to 256K) take one CTA per row."""
+    if not aligned or cluster_columns_per_thread(cols) is None:
+        return 1, DEFAULT_THREADS
+    if cols <= 32768:
+        if rows <= 8:
+            return 8, 256
+        if rows <= 32:
+            return 4, 256
+        return (2, 512) if rows <= 64 else (2, 256)
+    if cols <= 65536:
+        if rows <= 8:
+            return 8, 512
+        if rows <= 32:
+            return 8, 256
+        return (2, 512) if rows <= 64 else (1, 1024)
+    return (8, 512) if rows <= 32 else (1, 1024)
 
 
 def rows_are_16b_aligned(logits: torch.Tensor) -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-GVR_SMALL_MAX_ROWS = 8
+GVR_SMALL_MAX_ROWS = 32
 GVR_SMALL_MAX_COLS = 32 * 1024
 GVR_MIN_ROWS = 64
 GVR_MIN_COLS = 64 * 1024

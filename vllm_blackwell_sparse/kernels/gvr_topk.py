@@ -1,11 +1,15 @@
 """GVR (Guess-Verify-Refine) exact top-k for the DSA decode indexer, in CuTe DSL.
 
-One CTA (512 threads by default) per logits row. Semantics are those of
+Two kernels, one interface (:func:`gvr_topk`), chosen per (rows, width) by
+:func:`default_kernel`: one CTA per row (``GvrTopKSm90``, below), which streams the row
+from memory in every pass, and a thread-block cluster of 2-8 CTAs per row
+(``GvrTopKCluster``), which holds the row in registers and agrees through distributed
+shared memory. Semantics are those of
 ``reference/topk.py``: an unordered set of ``k`` column indices per row (``-1``
 padded when the row is shorter), values ordered ``NaN > +inf > ... > -inf`` with
 ``-0 == +0``, ties at the cutoff won by lower column indices.
 
-Work on the 32-bit *ordered key* of each value (unsigned integer order = value order):
+Both work on the 32-bit *ordered key* of each value (unsigned integer order = value order):
 
 1. **Guess** a key window ``[lo, lo + 256 << shift)`` from the keys at the hinted
    columns (the previous step's top-k): ``lo`` = their minimum, ``shift`` the
@@ -35,12 +39,15 @@ Work on the 32-bit *ordered key* of each value (unsigned integer order = value o
 Rows are read with 128-bit loads when they are 16-byte aligned (``vec_width`` 4).
 Shared memory: 1 KiB of histogram per warp + 8 bytes per candidate (capacity ``3 k``).
 
-Where the time goes (H200): the row passes are instruction-bound, about 20 µs per pass
-over 128K columns for one CTA. Counting ``key >= T_q`` for 8 hint quantiles in registers
+The steps above are the one-CTA kernel's; the cluster kernel's differences are in its
+class docstring. Where the time goes (H200): the one-CTA row passes are
+instruction-bound, about 20 µs per pass over 128K columns. Counting ``key >= T_q`` for 8 hint quantiles in registers
 instead of the histogram pass was exact but 12-28% slower (more instructions per column),
-so the histogram pass stays; speed at small batches needs several CTAs per row.
-The kernel does not synchronise with the host and allocates nothing: it can be
-captured in a CUDA graph.
+so the histogram pass stays; speed at small batches needs several CTAs per row (the
+cluster kernel). The cluster kernel's time grows by about 0.25 µs per column each thread
+holds, for a reason not yet established (docs/BENCHMARKS.md).
+Neither kernel synchronises with the host or allocates: both can be captured in a CUDA
+graph.
 """
 
 from __future__ import annotations

@@ -36,3 +36,20 @@ def test_gvr_default_kernel_always_holds_the_row():
                 assert threads in (512, 1024)
             assert default_kernel(rows, cols, False)[0] == 1, "unaligned rows take one CTA per row"
     assert default_kernel(1, 262148, True)[0] == 1, "too wide for the cluster kernel"
+    assert default_kernel(65536, 4096, True)[0] == 1, "rows are the cluster kernel's grid y (at most 65535)"
+    assert default_kernel(65535, 4096, True)[0] > 1
+
+
+def test_bench_gvr_configs_parse_and_refuse_what_no_kernel_runs():
+    import pytest
+
+    from vllm_blackwell_sparse.bench.topk import parse_gvr_config
+
+    assert parse_gvr_config("auto") == {}
+    assert parse_gvr_config("c8") == {"ctas_per_row": 8}
+    assert parse_gvr_config("c4t256") == {"ctas_per_row": 4, "threads": 256}
+    assert parse_gvr_config("1024x4x4") == {"ctas_per_row": 1, "threads": 1024, "loads_in_flight": 4, "vec_width": 4}
+    assert parse_gvr_config("512x16")["vec_width"] is None
+    for bad in ("c3", "c8t", "c8t1024", "fast", "1x2x3x4"):
+        with pytest.raises(ValueError, match="config"):
+            parse_gvr_config(bad)

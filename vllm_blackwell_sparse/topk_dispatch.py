@@ -3,7 +3,7 @@
 The crossover comes from ``vbs bench topk`` on the H200 (docs/BENCHMARKS.md, "GVR cluster
 kernel": DSA-like traces, k = 2048, 16-byte aligned rows). GVR (its default kernel choice,
 ``gvr_topk.default_kernel``) beats vLLM's choice (cooperative top-k up to 32 rows,
-persistent above) in two regions: up to 8 rows of at most 32K columns (a cluster of 8
+persistent above) in two regions: up to 32 rows of at most 32K columns (clusters of 4-8
 CTAs per row), and from 64 rows of at least 64K columns (two CTAs per row at 64K, one
 beyond). In between vLLM's kernels are faster or level. Other GPUs, unaligned rows and
 k outside GVR's sizes get vLLM's kernel. vLLM glue: it calls ``torch.ops._C``.

@@ -236,7 +236,8 @@ def test_cluster_kernel_selects_the_same_columns_as_the_one_cta_kernel(ctas_per_
             lens[0] = n
             true = torch.topk(logits + 0.3 * torch.randn(rows, n, generator=g, device="cuda"), k, dim=1).indices.int()
             table = torch.cat([true, torch.randint(-2, n + 2, (2, k), generator=g, device="cuda", dtype=torch.int32)])
-            slots = torch.randint(-1, rows + 2, (rows,), generator=g, device="cuda", dtype=torch.int32)
+            # rows + 2 table rows: slots rows + 2 and rows + 3 lie outside (no hint), -1 is no hint.
+            slots = torch.randint(-1, rows + 4, (rows,), generator=g, device="cuda", dtype=torch.int32)
             for kw in ({"hint": true}, {}, {"hint_table": table, "row_slot": slots}):
                 out = gvr_topk(logits, lens, k, ctas_per_row=ctas_per_row, threads=threads, **kw)
                 check_rows(logits, lens, k, out)

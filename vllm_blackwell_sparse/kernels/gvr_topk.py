@@ -71,6 +71,7 @@ MAX_COLS = 1 << 24  # column indices and counts stay far inside int32
 CLUSTER_CTAS = 8
 CLUSTER_THREADS = 512
 CLUSTER_COLUMNS_PER_THREAD = (8, 16, 32, 48, 64)
+MAX_CLUSTER_ROWS = 65535  # rows are the cluster kernel's grid y, which CUDA caps there
 
 _COMPILED: dict[tuple, object] = {}
 
@@ -937,8 +938,8 @@ def gvr_topk(
     cluster of that many CTAs (``threads`` 256 or 512 each) per row, holding the row in
     registers: it needs 16-byte aligned rows of at most ``ctas_per_row * threads * 64``
     columns. None (the default) takes :func:`default_kernel`'s choice, or one CTA per row
-    when ``loads_in_flight``, ``vec_width`` or ``threads=1024`` is given. No choice
-    changes the result, index for index up to the order of the output row.
+    when ``loads_in_flight``, ``vec_width`` or ``threads`` is given alone. No choice
+    changes the selected set (the order inside an output row may differ).
     """
     if logits.dim() != 2 or logits.dtype != torch.float32:
         raise ValueError(f"logits must be a 2-D float32 tensor, got {tuple(logits.shape)} {logits.dtype}")
@@ -975,23 +976,25 @@ def gvr_topk(
     use_row_slot = hint_table is not None
     aligned = rows_are_16b_aligned(logits)
     if ctas_per_row is None:
-        # A tuning of the one-CTA kernel asks for that kernel.
-        if loads_in_flight is not None or vec_width is not None or threads == 1024:
+        # A tuning of the one-CTA kernel (any of its knobs given alone) asks for that kernel.
+        if loads_in_flight is not None or vec_width is not None or threads is not None:
             ctas_per_row = 1
         else:
-            ctas_per_row, default_threads = default_kernel(rows, cols, aligned)
-            threads = threads or default_threads
+            ctas_per_row, threads = default_kernel(rows, cols, aligned)
     if ctas_per_row != 1:
         threads = threads or CLUSTER_THREADS
         per_thread = None
         if ctas_per_row in (2, 4, 8) and threads in (256, 512):
             per_thread = cluster_columns_per_thread(cols, ctas_per_row, threads)
-        if per_thread is None or not aligned:
+        if per_thread is None or not aligned or rows > MAX_CLUSTER_ROWS:
             raise ValueError(
-                f"ctas_per_row must be 1, or 2/4/8 (threads 256/512) for 16-byte aligned rows of at most "
-                f"ctas_per_row * threads * {CLUSTER_COLUMNS_PER_THREAD[-1]} columns; got ctas_per_row={ctas_per_row}, "
-                f"threads={threads} for {cols} columns ({'aligned' if aligned else 'not 16-byte aligned'})"
+                f"ctas_per_row must be 1, or 2/4/8 (threads 256/512) for at most {MAX_CLUSTER_ROWS} 16-byte aligned "
+                f"rows of at most ctas_per_row * threads * {CLUSTER_COLUMNS_PER_THREAD[-1]} columns; got "
+                f"ctas_per_row={ctas_per_row}, threads={threads} for {rows} rows of {cols} columns "
+                f"({'aligned' if aligned else 'not 16-byte aligned'})"
             )
+        if loads_in_flight is not None or vec_width is not None:
+            raise ValueError("loads_in_flight and vec_width tune the one-CTA kernel (ctas_per_row=1) only")
         fn = compile_gvr_topk_cluster(
             k, has_hint=has_hint, use_row_slot=use_row_slot, per_thread=per_thread, ctas_per_row=ctas_per_row,
             threads=threads,
@@ -1027,8 +1030,9 @@ def default_kernel(rows: int, cols: int, aligned: bool) -> tuple[int, int]:
     rows want few, so that all of them are resident at once; past 64 rows of more than
     64K columns the rows no longer fit in the register files and one CTA per row, which
     streams the row from L2, is fastest. Unaligned rows and rows wider than 256K columns
-    (unmeasured: the smallest-rows rule of 128K is applied up to 256K) take one CTA per row."""
-    if not aligned or cluster_columns_per_thread(cols) is None:
+    (unmeasured: the smallest-rows rule of 128K is applied up to 256K) take one CTA per row,
+    and so do more than 65535 rows (the cluster kernel puts rows on the grid's y axis)."""
+    if not aligned or cluster_columns_per_thread(cols) is None or rows > MAX_CLUSTER_ROWS:
         return 1, DEFAULT_THREADS
     if cols <= 32768:
         if rows <= 8:

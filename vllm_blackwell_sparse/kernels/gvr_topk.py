@@ -143,6 +143,28 @@ def _kernel_module():
         llvm.store(Int32(value).ir_value(loc=loc, ip=ip), _peer_address(smem_ptr, peer, loc=loc, ip=ip), loc=loc, ip=ip)
 
     @cute.jit
+    def count_in_window(key, live, lo, shift, sHist, warp, above):
+        """One key of a verify round: a live key inside the window [lo, lo + 256 << shift)
+        adds one to its bin of this warp's histogram, one above it to ``above`` (returned)."""
+        if live and key >= lo:
+            b = (key - lo) >> Uint32(shift)
+            if b >= Uint32(BINS):
+                above += 1
+            else:
+                cute.arch.atomic_add(sHist.iterator + (Int32(b) + warp * BINS), Int32(1))
+        return above
+
+    @cute.jit
+    def window_over(lo, hi):
+        """(start, shift) of the first 256-bin window over keys [lo, hi]: the smallest shift
+        whose bins cover it, the start aligned to 1 << shift, so that each bin is a range of
+        keys that share their high bits (what the radix refine needs)."""
+        shift = Int32(0)
+        while ((hi >> Uint32(shift)) - (lo >> Uint32(shift))) >= Uint32(BINS):
+            shift += 1
+        return (lo >> Uint32(shift)) << Uint32(shift), shift
+
+    @cute.jit
     def warp_inclusive_scan(val, lane):
         for i in cutlass.range_constexpr(5):
             off = 1 << i
@@ -359,12 +381,7 @@ def _kernel_module():
                 if nvalid > 0:
                     lo = self.block_extreme_u32(hmin, sRedU, tidx, False)
                     hi = self.block_extreme_u32(hmax, sRedU, tidx, True)
-                    # Bins are aligned to 1 << shift, so each bin is a range of keys that
-                    # share their high bits (what the radix refine needs).
-                    shift = Int32(0)
-                    while ((hi >> Uint32(shift)) - (lo >> Uint32(shift))) >= Uint32(BINS):
-                        shift += 1
-                    lo = (lo >> Uint32(shift)) << Uint32(shift)
+                    lo, shift = window_over(lo, hi)
 
                 # Each warp owns columns [seg_lo, seg_hi): a multiple of 32 * width long.
                 unit = 32 * self.width
@@ -384,13 +401,7 @@ def _kernel_module():
                         keys, valid, _ = load_keys(mBits, mChunks, row, base, lane, seg_hi, self.loads, self.width)
                         for u in cutlass.range_constexpr(self.loads):
                             for i in cutlass.range_constexpr(self.width):
-                                key = keys[u][i]
-                                if valid[u][i] and key >= lo:
-                                    b = (key - lo) >> Uint32(shift)
-                                    if b >= Uint32(BINS):
-                                        above += 1
-                                    else:
-                                        cute.arch.atomic_add(sHist.iterator + (Int32(b) + warp * BINS), Int32(1))
+                                above = count_in_window(keys[u][i], valid[u][i], lo, shift, sHist, warp, above)
                     above_w = cute.arch.warp_reduction_sum(above)
                     if lane == 0:
                         sWarp[warp] = above_w
@@ -676,10 +687,7 @@ def _kernel_module():
                     nvalid += load_peer_i32(sStats.iterator + 2, r)
                 shift = Int32(24)
                 if nvalid > 0:
-                    shift = Int32(0)
-                    while ((hi >> Uint32(shift)) - (lo >> Uint32(shift))) >= Uint32(BINS):
-                        shift += 1
-                    lo = (lo >> Uint32(shift)) << Uint32(shift)
+                    lo, shift = window_over(lo, hi)
                 else:
                     lo = Uint32(0)
 
@@ -694,13 +702,7 @@ def _kernel_module():
                     cute.arch.barrier()
                     above = Int32(0)
                     for j in cutlass.range_constexpr(len(keys)):
-                        key = keys[j]
-                        if key != Uint32(0) and key >= lo:
-                            b = (key - lo) >> Uint32(shift)
-                            if b >= Uint32(BINS):
-                                above += 1
-                            else:
-                                cute.arch.atomic_add(sHist.iterator + (Int32(b) + warp * BINS), Int32(1))
+                        above = count_in_window(keys[j], keys[j] != Uint32(0), lo, shift, sHist, warp, above)
                     above_w = cute.arch.warp_reduction_sum(above)
                     if lane == 0:
                         sWarp[warp] = above_w

@@ -1004,8 +1004,8 @@ def gvr_topk(
         fn(logits.view(torch.int32), lens, table if has_hint else out, row_slot if use_row_slot else lens, out)
         return out
     if vec_width is None:
-        vec_width = 4 if rows_are_16b_aligned(logits) else 1
-    elif vec_width == 4 and not rows_are_16b_aligned(logits):
+        vec_width = 4 if aligned else 1
+    elif vec_width == 4 and not aligned:
         raise ValueError("vec_width=4 needs 16-byte aligned logits rows (data pointer, row stride and columns)")
     fn = compile_gvr_topk(
         k, has_hint=has_hint, use_row_slot=use_row_slot, threads=threads or DEFAULT_THREADS, loads_in_flight=loads_in_flight,

@@ -25,7 +25,11 @@ def test_gvr_for_few_short_rows_and_for_many_long_rows_on_hopper():
 
 def test_gvr_default_kernel_always_holds_the_row():
     """Every cluster variant the default picks has room for the row; other rows get one CTA."""
-    from vllm_blackwell_sparse.kernels.gvr_topk import cluster_columns_per_thread, default_kernel
+    from vllm_blackwell_sparse.kernels.gvr_topk import (
+        cluster_columns_per_thread,
+        default_kernel,
+        default_kernels_for_width,
+    )
 
     for rows in (1, 8, 9, 32, 33, 64, 65, 4096):
         for cols in (4, 2048, 16384, 32768, 32772, 65536, 65540, 131072, 200000, 262144, 262148, 1 << 20):
@@ -36,6 +40,9 @@ def test_gvr_default_kernel_always_holds_the_row():
                 assert threads in (512, 1024)
             assert default_kernel(rows, cols, False)[0] == 1, "unaligned rows take one CTA per row"
     assert default_kernel(1, 262148, True)[0] == 1, "too wide for the cluster kernel"
+    # What the DSA hook compiles at model load covers every choice for that width.
+    for cols in (16384, 32768, 65536, 163840, 262144):
+        assert {default_kernel(r, cols, True) for r in range(1, 300)} == set(default_kernels_for_width(cols)), cols
     assert default_kernel(65536, 4096, True)[0] == 1, "rows are the cluster kernel's grid y (at most 65535)"
     assert default_kernel(65535, 4096, True)[0] > 1
 

@@ -623,7 +623,7 @@ def _compile_for(k: int, logits_width: int) -> None:
         cluster_columns_per_thread,
         compile_gvr_topk,
         compile_gvr_topk_cluster,
-        default_kernel,
+        default_kernels_for_width,
     )
 
     for vec_width in (1, 4):  # 4 for 16-byte aligned logits rows (vLLM's usual case)
@@ -631,8 +631,7 @@ def _compile_for(k: int, logits_width: int) -> None:
         compile_gvr_topk(k, has_hint=False, use_row_slot=False, vec_width=vec_width)
     # Every kernel gvr_topk's default choice can pick for aligned rows of the indexer's
     # width (max_model_len), whatever the number of rows.
-    for rows in (1, 32, 64, 128):
-        ctas, threads = default_kernel(rows, logits_width, True)
+    for ctas, threads in default_kernels_for_width(logits_width):
         for has_hint in (True, False):
             if ctas == 1:
                 compile_gvr_topk(k, has_hint=has_hint, use_row_slot=has_hint, threads=threads, vec_width=4)

@@ -1036,19 +1036,26 @@ def default_kernel(rows: int, cols: int, aligned: bool) -> tuple[int, int]:
     and so do more than 65535 rows (the cluster kernel puts rows on the grid's y axis)."""
     if not aligned or cluster_columns_per_thread(cols) is None or rows > MAX_CLUSTER_ROWS:
         return 1, DEFAULT_THREADS
-    if cols <= 32768:
-        if rows <= 8:
-            return 8, 256
-        if rows <= 32:
-            return 4, 256
-        return (2, 512) if rows <= 64 else (2, 256)
-    if cols <= 65536:
-        if rows <= 8:
-            return 8, 512
-        if rows <= 32:
-            return 8, 256
-        return (2, 512) if rows <= 64 else (1, 1024)
-    return (8, 512) if rows <= 32 else (1, 1024)
+    return next(choice for most_rows, choice in _width_bucket(cols) if most_rows is None or rows <= most_rows)
+
+
+def default_kernels_for_width(cols: int) -> tuple[tuple[int, int], ...]:
+    """Every (ctas_per_row, threads) :func:`default_kernel` can pick for aligned rows of
+    ``cols`` columns, whatever the number of rows (what to compile ahead of time)."""
+    return tuple(dict.fromkeys(choice for _, choice in _width_bucket(cols)))
+
+
+# default_kernel's rule for aligned rows the cluster kernel holds: per width bucket (most
+# columns, None = up to 256K), per rows bucket (most rows, None = any), (ctas_per_row, threads).
+_DEFAULT_KERNELS = (
+    (32768, ((8, (8, 256)), (32, (4, 256)), (64, (2, 512)), (None, (2, 256)))),
+    (65536, ((8, (8, 512)), (32, (8, 256)), (64, (2, 512)), (None, (1, 1024)))),
+    (None, ((32, (8, 512)), (None, (1, 1024)))),
+)
+
+
+def _width_bucket(cols: int):
+    return next(rows_rule for most_cols, rows_rule in _DEFAULT_KERNELS if most_cols is None or cols <= most_cols)
 
 
 def rows_are_16b_aligned(logits: torch.Tensor) -> bool:

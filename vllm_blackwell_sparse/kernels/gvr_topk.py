@@ -165,6 +165,23 @@ def _kernel_module():
         return (lo >> Uint32(shift)) << Uint32(shift), shift
 
     @cute.jit
+    def next_window(best, small_enough, lo, shift, done, thr_bin):
+        """After a verify round whose crossing bin is ``best`` (-1: none in the window):
+        widen to the whole key range when the window missed the k-th key (a misleading
+        hint); stop on ``best`` when its keys are ``small_enough`` to finish or the bins are
+        single keys; else narrow the window to that bin. Returns (done, thr_bin, lo, shift)."""
+        if best < 0:
+            lo = Uint32(0)
+            shift = Int32(24)
+        elif small_enough or shift == 0:
+            done = Int32(1)
+            thr_bin = best
+        else:
+            lo = lo + (Uint32(best) << Uint32(shift))
+            shift = cutlass.max(shift - 8, Int32(0))
+        return done, thr_bin, lo, shift
+
+    @cute.jit
     def warp_inclusive_scan(val, lane):
         for i in cutlass.range_constexpr(5):
             off = 1 << i
@@ -263,6 +280,28 @@ def _kernel_module():
                     sPick[1] = at_or_above
                     sPick[2] = above
             cute.arch.barrier()
+
+        @cute.jit
+        def lower_warps_counts(self, first_bin, thr_bin, base, tie_base, sHist, sWarp, sWarpTie, warp, lane):
+            """From the per-warp histograms of the deciding round: the keys of the lower
+            warps in bins ``first_bin`` and up (plus those above the window, which
+            ``sWarp`` holds), and in bin ``thr_bin``, added to ``base`` / ``tie_base``.
+            These are a warp's write offsets. Every thread of the CTA must call it."""
+            mine = Int32(0)
+            for b in cutlass.range(first_bin + lane, BINS, 32):
+                mine += sHist[b, warp]
+            mine = cute.arch.warp_reduction_sum(mine) + sWarp[warp]
+            ties_w = sHist[thr_bin, warp]
+            cute.arch.barrier()
+            if lane == 0:
+                sWarp[warp] = mine
+                sWarpTie[warp] = ties_w
+            cute.arch.barrier()
+            for w in cutlass.range_constexpr(self.warps):
+                if w < warp:
+                    base += sWarp[w]
+                    tie_base += sWarpTie[w]
+            return base, tie_base
 
         @cute.jit
         def refine_and_emit(
@@ -418,40 +457,17 @@ def _kernel_module():
                         above_all += sWarp[w]
                     cute.arch.barrier()
                     self.find_crossing_bin(sSuffix, above_all, k, sRed, sPick, tidx)
-                    best = sPick[0]
-                    best_count = sPick[1]
-                    if best < 0:
-                        # Fewer than k keys in the window: the hint was misleading.
-                        lo = Uint32(0)
-                        shift = Int32(24)
-                    elif best_count <= cap or shift == 0:
-                        done = Int32(1)
-                        thr_bin = best
-                    else:
-                        lo = lo + (Uint32(best) << Uint32(shift))
-                        shift = cutlass.max(shift - 8, Int32(0))
+                    # Stop once every survivor fits in the candidate buffer.
+                    done, thr_bin, lo, shift = next_window(sPick[0], sPick[1] <= cap, lo, shift, done, thr_bin)
                     cute.arch.barrier()
 
                 thresh = lo + (Uint32(thr_bin) << Uint32(shift))
                 count_ge = sPick[1]
                 count_gt_bin = sPick[2]  # keys above the chosen bin
-                # Per-warp survivor counts from the warp's own histogram.
-                mine = Int32(0)
-                for b in cutlass.range(thr_bin + lane, BINS, 32):
-                    mine += sHist[b, warp]
-                mine = cute.arch.warp_reduction_sum(mine) + sWarp[warp]
-                ties_w = sHist[thr_bin, warp]
-                cute.arch.barrier()
-                if lane == 0:
-                    sWarp[warp] = mine
-                    sWarpTie[warp] = ties_w
-                cute.arch.barrier()
-                base_w = Int32(0)
-                tie_base_w = Int32(0)
-                for w in cutlass.range_constexpr(self.warps):
-                    if w < warp:
-                        base_w += sWarp[w]
-                        tie_base_w += sWarpTie[w]
+                # Survivors (and keys in the chosen bin) of the lower warps.
+                base_w, tie_base_w = self.lower_warps_counts(
+                    thr_bin, thr_bin, Int32(0), Int32(0), sHist, sWarp, sWarpTie, warp, lane
+                )
 
                 if shift == 0:
                     # ---- K* = thresh exactly: emit straight from the row ----
@@ -725,17 +741,9 @@ def _kernel_module():
                         sSuffix[e] = tot
                     cute.arch.barrier()
                     self.find_crossing_bin(sSuffix, sSuffix[BINS], k, sRed, sPick, tidx)
-                    best = sPick[0]
+                    # Stop once the crossing bin's keys fit in the leader's buffer.
                     in_bin = sPick[1] - sPick[2]
-                    if best < 0:
-                        lo = Uint32(0)
-                        shift = Int32(24)
-                    elif in_bin <= cap or shift == 0:
-                        done = Int32(1)
-                        thr_bin = best
-                    else:
-                        lo = lo + (Uint32(best) << Uint32(shift))
-                        shift = cutlass.max(shift - 8, Int32(0))
+                    done, thr_bin, lo, shift = next_window(sPick[0], in_bin <= cap, lo, shift, done, thr_bin)
                     parity = 1 - parity
                     cute.arch.barrier()
                 parity = 1 - parity  # the buffer of the deciding round
@@ -756,22 +764,9 @@ def _kernel_module():
                             if e == thr_bin:
                                 bin_before += v
                 gt_before, bin_before = self.block_sum_pair(gt_before, bin_before, sRed2, tidx)
-                gt_w = Int32(0)
-                for b in cutlass.range(thr_bin + 1 + lane, BINS, 32):
-                    gt_w += sHist[b, warp]
-                gt_w = cute.arch.warp_reduction_sum(gt_w) + sWarp[warp]
-                bin_w = sHist[thr_bin, warp]
-                cute.arch.barrier()
-                if lane == 0:
-                    sWarp[warp] = gt_w
-                    sWarpTie[warp] = bin_w
-                cute.arch.barrier()
-                gt_pos = gt_before
-                bin_pos = bin_before
-                for w in cutlass.range_constexpr(self.warps):
-                    if w < warp:
-                        gt_pos += sWarp[w]
-                        bin_pos += sWarpTie[w]
+                gt_pos, bin_pos = self.lower_warps_counts(
+                    thr_bin + 1, thr_bin, gt_before, bin_before, sHist, sWarp, sWarpTie, warp, lane
+                )
 
                 # ---- 4. emit the keys above the crossing bin; the crossing bin's keys go
                 # to the leader (or, when the bin is a single key, the first `need` of

@@ -17,7 +17,7 @@ import time
 import torch
 
 from vllm_blackwell_sparse import workloads
-from vllm_blackwell_sparse.bench.decode import calibrate, time_us, vllm_fa_decode
+from vllm_blackwell_sparse.bench.decode import calibrate_factors, time_us, vllm_fa_decode
 from vllm_blackwell_sparse.bench.topk import environment
 from vllm_blackwell_sparse.kernels import blasst_decode as bd
 
@@ -64,16 +64,9 @@ def main():
         for waves in a.waves:
             splits = bd.splits_filling_waves(waves, batch * hkv, ctx, sms, SWEEP_MIN_TILES_PER_SPLIT)
 
-            def sparsity_at(f):
-                run(f, splits, 2, count=True)  # sparsity does not depend on k_stages
-                s, e = counts.sum(0).tolist()
-                return s / max(e, 1)
-
-            factors = {}
-            for sp in a.sparsities:
-                found = calibrate(sparsity_at, sp, float(ctx))
-                if found:
-                    factors[sp] = found[0]
+            # Sparsity does not depend on k_stages: calibrate with the default ring.
+            factors = {sp: f for sp, (f, _) in calibrate_factors(
+                lambda f: run(f, splits, 2, count=True), counts, a.sparsities, float(ctx)).items()}
             for ks in a.stages:
                 row = {"waves": waves, "splits": splits, "k_stages": ks}
                 row["dense_us"] = time_us(lambda: run(None, splits, ks), a.iters, a.warmup)

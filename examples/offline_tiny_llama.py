@@ -7,7 +7,7 @@ from vllm_blackwell_sparse.demo import TINY_LLAMA_DIR
 llm = LLM(
     str(TINY_LLAMA_DIR),
     load_format="dummy",  # no weights ship with the tiny model: its text is meaningless
-    attention_backend="CUSTOM",  # vllm-blackwell-sparse (FA4 on the paged KV cache)
+    attention_backend="CUSTOM",  # vllm-blackwell-sparse (dense: FA3 on Hopper, FA4 on Blackwell)
     additional_config={"blackwell_sparse": {}},  # see the README's configuration reference
     max_model_len=4096,
     gpu_memory_utilization=0.3,

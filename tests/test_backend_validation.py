@@ -235,8 +235,8 @@ def test_kv_cache_update_writes_k_to_plane_0_and_v_to_plane_1(monkeypatch):
     assert seen["value_cache"].data_ptr() == kv[1].data_ptr() and seen["value_cache"].shape == (6, 16, 2, 128)
 
 
-def test_forward_hands_fa4_the_kv_planes_and_unpadded_slices(monkeypatch):
-    """The glue passes FA4 K = plane 0, V = plane 1, the metadata, and only the real tokens."""
+def test_forward_hands_dense_attention_the_kv_planes_and_unpadded_slices(monkeypatch):
+    """The glue passes dense attention K = plane 0, V = plane 1, the metadata, and only the real tokens."""
     import vllm_blackwell_sparse.backend as backend
     from vllm_blackwell_sparse.reference import paged_attention_dense
 
@@ -244,7 +244,7 @@ def test_forward_hands_fa4_the_kv_planes_and_unpadded_slices(monkeypatch):
         out.copy_(paged_attention_dense(q, k, v, block_table, cu_seqlens_q, seq_lens, softmax_scale).to(out.dtype))
         return out
 
-    monkeypatch.setattr(backend, "fa4_paged_attention", fake_fa4)
+    monkeypatch.setattr(backend, "dense_paged_attention", fake_fa4)
     g = torch.Generator().manual_seed(0)
     impl = BlackwellSparseImpl(**IMPL_ARGS)
     kv = torch.randn(2, 6, 16, 2, 128, generator=g)

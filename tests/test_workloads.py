@@ -102,3 +102,42 @@ def test_calibrated_factor_reaches_the_target_sparsity_and_is_minimal():
     flat = peaked_attention_case([2048], [1], 4, 1, 64, 16, PeakedAttentionParams(peak=0.0, heavy_hitters=0, seed=1))
     factor, res = calibrate_threshold_factor(flat, 1.0)
     assert factor is None and res.sparsity < 1.0
+
+
+def test_head_major_cache_holds_the_same_values_in_head_major_pages():
+    import pytest
+
+    from vllm_blackwell_sparse.workloads import peaked_decode_batch, to_kv_layout
+
+    nhd = peaked_decode_batch(2, 100, 8, 2, 64, 16, device="cpu")
+    hnd = peaked_decode_batch(2, 100, 8, 2, 64, 16, device="cpu", layout="HND")
+    for name in ("k_cache", "v_cache"):
+        a, b = nhd[name], hnd[name]
+        assert a.shape == b.shape == (2 * 7 + 1, 16, 2, 64)  # 7 pages per request and a spare
+        assert torch.equal(a, b)
+        assert a.is_contiguous() and b.stride() == (16 * 2 * 64, 64, 16 * 64, 1)  # head-major inside a page
+    assert torch.equal(to_kv_layout(hnd["k_cache"], "NHD"), nhd["k_cache"])
+    with pytest.raises(ValueError, match="layout must be one of"):
+        to_kv_layout(nhd["k_cache"], "HDN")
+    with pytest.raises(ValueError, match="layout must be one of"):
+        peaked_decode_batch(1, 16, 8, 2, 64, 16, device="cpu", layout="nhd")
+
+
+def test_calibrate_factors_bisects_the_kernel_counters_and_drops_unreached_targets():
+    from vllm_blackwell_sparse.bench.decode import calibrate_factors
+
+    counts = torch.zeros(2, 2, dtype=torch.int32)
+    calls = []
+
+    def run_counting(factor):  # a stand-in kernel: sparsity factor / (factor + 1000), 10000 eligible tiles
+        calls.append(factor)
+        counts.zero_()
+        skipped = int(10000 * factor / (factor + 1000))
+        counts[0] = torch.tensor([skipped // 2, 5000])
+        counts[1] = torch.tensor([skipped - skipped // 2, 5000])
+
+    found = calibrate_factors(run_counting, counts, [0.5, 0.95], hi=10000.0)
+    assert list(found) == [0.5], "0.95 needs a factor of 19000, above hi"
+    factor, sparsity = found[0.5]
+    assert sparsity >= 0.5 and 1000 <= factor < 1000 * 1.01
+    assert len(calls) == 2 * 14

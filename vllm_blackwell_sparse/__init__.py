@@ -4,7 +4,7 @@ BLASST tile skipping and GVR top-k (see README.md).
 Importing the package is cheap and imports neither vLLM nor CUDA code.
 """
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 
 def register() -> bool:

@@ -2,10 +2,12 @@
 
 Backend / metadata builder / impl, in vLLM 0.26's shape. This layer knows vLLM's
 backend API and configuration and launches kernels; it contains no kernel code.
-Prefill runs FlashAttention-4 (CuTe DSL, vendored by vLLM as
-``vllm.vllm_flash_attn.cute``) on the paged KV cache. Decode runs FA4 too, unless
-``decode_threshold_scale_factor`` is set: then the decode rows run our BLASST decode
-kernel (``kernels/blasst_decode.py``) on the same cache.
+Dense attention (prefill, and decode unless ``decode_threshold_scale_factor`` is set)
+runs the fastest FlashAttention vLLM ships for the GPU on the paged KV cache: FA3 on
+Hopper (sm90), where it beats FA4 on paged KV (docs/BENCHMARKS.md), and FlashAttention-4
+(CuTe DSL, vendored by vLLM as ``vllm.vllm_flash_attn.cute``) elsewhere. With the factor
+set, the decode rows run our BLASST decode kernel (``kernels/blasst_decode.py``) on the
+same cache.
 
 GPU-only modules are imported inside the functions that need them: this module is
 imported in vLLM's API-server process and on machines without CUDA.
@@ -14,6 +16,7 @@ imported in vLLM's API-server process and on machines without CUDA.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +57,7 @@ BLASST_DECODE_MAX_QUERY_LEN = 8
 
 
 class BlackwellSparseBackend(AttentionBackend):
-    """Decoder self-attention on FA4 with a K/V-planar paged cache."""
+    """Decoder self-attention on a K/V-planar paged cache: dense FA3 / FA4, BLASST decode."""
 
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16]
     supported_kv_cache_dtypes: ClassVar[list[str]] = list(KV_CACHE_DTYPES)
@@ -91,7 +94,7 @@ class BlackwellSparseBackend(AttentionBackend):
         head_size: int,
         cache_dtype_str: str = "auto",
     ) -> tuple[int, ...]:
-        # K and V in separate planes, each [num_blocks, block_size, Hkv, D]. FA4 reads
+        # K and V in separate planes, each [num_blocks, block_size, Hkv, D]. FA3 / FA4 read
         # both as (num_pages, page_size, Hkv, D); a BLASST decode kernel that skips a
         # KV tile then touches no byte of its V (with FLASH_ATTN's layout K and V of a
         # token sit side by side in one row).
@@ -229,7 +232,7 @@ class BlackwellSparseMetadataBuilder(AttentionMetadataBuilder[BlackwellSparseMet
 
 
 class BlackwellSparseImpl(AttentionImpl[BlackwellSparseMetadata]):
-    """Per-layer attention: cache write + FA4 over the paged cache."""
+    """Per-layer attention: cache write + FA3 / FA4 (or BLASST decode) over the paged cache."""
 
     def __init__(
         self,
@@ -315,7 +318,7 @@ class BlackwellSparseImpl(AttentionImpl[BlackwellSparseMetadata]):
         if self.config.decode_threshold_scale_factor is not None and m.num_decodes:
             if self._blasst_decode_ok(m, query.dtype, query.shape[0]):
                 return self._forward_blasst_decode(query, key_cache, value_cache, m, output)
-        fa4_paged_attention(
+        dense_paged_attention(
             query[:n],
             key_cache,
             value_cache,
@@ -331,7 +334,7 @@ class BlackwellSparseImpl(AttentionImpl[BlackwellSparseMetadata]):
 
     def _blasst_decode_ok(self, m: BlackwellSparseMetadata, dtype: torch.dtype, query_rows: int) -> bool:
         """Whether this batch's decode rows can run the BLASST kernel; if not, the whole
-        batch runs dense FA4 and a one-time warning says why."""
+        batch runs dense attention and a one-time warning says why."""
         why = None
         if m.decode_query_len == 0:
             why = "decode requests with different query lengths in one batch"
@@ -342,13 +345,13 @@ class BlackwellSparseImpl(AttentionImpl[BlackwellSparseMetadata]):
         elif self.head_size not in BLASST_DECODE_HEAD_SIZES or dtype not in BLASST_DECODE_DTYPES:
             why = f"head_size {self.head_size} / dtype {dtype}"
         if why:
-            warn_once(logger, f"BLASST decode falls back to dense FA4 for some batches: {why}")
+            warn_once(logger, f"BLASST decode falls back to dense attention for some batches: {why}")
             return False
         return True
 
     def _forward_blasst_decode(self, query, key_cache, value_cache, m: BlackwellSparseMetadata, output):
         """Decode rows (the batch is reordered decode-first) through the BLASST decode
-        kernel, the prefill rows, if any, through FA4."""
+        kernel, the prefill rows, if any, through dense attention."""
         from vllm_blackwell_sparse.kernels.blasst_decode import blasst_decode
 
         b = m.num_decodes
@@ -366,7 +369,7 @@ class BlackwellSparseImpl(AttentionImpl[BlackwellSparseMetadata]):
         )
         if m.num_prefills:
             n = m.num_actual_tokens
-            fa4_paged_attention(
+            dense_paged_attention(
                 query[nd:n],
                 key_cache,
                 value_cache,
@@ -395,7 +398,20 @@ def fa4_unavailable_reason() -> str | None:
     return None
 
 
-def fa4_paged_attention(
+@functools.cache
+def dense_fa_version() -> int:
+    """The FlashAttention version dense attention runs: 3 on sm90 when vLLM's FA3 is
+    available (on the H200 it is 20-30% faster than FA4 on 16-token pages and at least
+    as fast at 128, docs/BENCHMARKS.md), else 4. Imports CUDA modules: call it on the GPU
+    path only."""
+    from vllm.vllm_flash_attn.flash_attn_interface import is_fa_version_supported
+
+    if torch.cuda.get_device_capability()[0] == 9 and is_fa_version_supported(3):
+        return 3
+    return 4
+
+
+def dense_paged_attention(
     q: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
@@ -408,11 +424,12 @@ def fa4_paged_attention(
     max_seq_len: int,
     softmax_scale: float,
 ) -> torch.Tensor:
-    """Causal varlen attention of ``q`` over the paged cache with FA4 (dense).
+    """Causal varlen attention of ``q`` over the paged cache, dense, with FA3 or FA4
+    (:func:`dense_fa_version`).
 
-    Goes through vLLM's FlashAttention wrapper with ``fa_version=4``, the same call
-    FLASH_ATTN makes with ``flash_attn_version=4``, so both run identical kernels.
-    ``num_splits=0`` lets FA4 choose split-KV from ``max_seq_len``.
+    Goes through vLLM's FlashAttention wrapper, the same call FLASH_ATTN makes with
+    ``flash_attn_version`` 3 / 4, so both run identical kernels. ``num_splits=0`` lets
+    the kernel choose split-KV from ``max_seq_len``.
     """
     from vllm.vllm_flash_attn import flash_attn_varlen_func
 
@@ -429,5 +446,5 @@ def fa4_paged_attention(
         causal=True,
         block_table=block_table,
         num_splits=0,
-        fa_version=4,
+        fa_version=dense_fa_version(),
     )

@@ -63,10 +63,18 @@ def kernel_availability(gpu: dict) -> dict[str, str]:
         except Exception as e:  # noqa: BLE001 - report whatever breaks the import
             fa4 = f"unavailable: importing vllm.vllm_flash_attn.cute failed: {type(e).__name__}: {e}"
     out["FA4 dense attention (vllm.vllm_flash_attn.cute)"] = fa4
+    if gpu["cuda"] and gpu["capability"][0] in (9, 10):
+        try:
+            from vllm_blackwell_sparse.backend import dense_fa_version
+
+            dense = f"FA{dense_fa_version()}"
+        except Exception as e:  # noqa: BLE001 - report whatever breaks the import
+            dense = f"unknown: {type(e).__name__}: {e}"
+        out["dense attention runs (prefill; decode without a BLASST factor)"] = dense
     for phase in ("prefill", "decode"):
         out[f"BLASST {phase}"] = "available" if BLASST_KERNEL_AVAILABLE[phase] else "not in this release"
     if gpu["cuda"] and gpu["capability"][0] in (9, 10):
-        gvr = "available (exact; opt-in with gvr_topk for the DeepSeek-V3.2 indexer; slower than vLLM's own top-k below 64 rows x 64K)"
+        gvr = "available (exact; opt-in with gvr_topk for the DeepSeek-V3.2 indexer; runs where it measured faster than vLLM's top-k, vLLM's kernel elsewhere)"
         if importlib.util.find_spec("cutlass") is None:
             gvr = "unavailable: the CuTe DSL (nvidia-cutlass-dsl) is not installed"
     else:

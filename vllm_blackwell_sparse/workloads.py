@@ -144,6 +144,19 @@ def calibrate_threshold_factor(case: dict, target_sparsity: float, *, iters: int
     return hi, best
 
 
+KV_LAYOUTS = ("NHD", "HND")
+
+
+def to_kv_layout(cache: torch.Tensor, layout: str) -> torch.Tensor:
+    """``cache`` ``[num_blocks, block_size, Hkv, D]`` with the same values, stored
+    token-major (``"NHD"``, contiguous) or head-major inside each page (``"HND"``)."""
+    if layout == "NHD":
+        return cache.contiguous()
+    if layout == "HND":
+        return cache.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+    raise ValueError(f"layout must be one of {KV_LAYOUTS}, got {layout!r}")
+
+
 def peaked_decode_batch(
     batch: int,
     seq_len: int,
@@ -156,6 +169,7 @@ def peaked_decode_batch(
     next_n: int = 1,
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cuda",
+    layout: str = "NHD",
 ) -> dict:
     """A benchmark-sized decode batch with peaked attention, generated on ``device``.
 
@@ -164,7 +178,11 @@ def peaked_decode_batch(
     over a N(0, 1) noise floor), but every request has ``seq_len`` keys, the tensors are
     built on the device in ``dtype`` directly (a B64 x 128K cache is tens of GB), and the
     block table is a random permutation of the pages. ``next_n`` query tokens per request.
+    ``layout``: the caches' memory order inside a page, ``"NHD"`` (token-major) or ``"HND"``
+    (head-major); either way they are indexed ``[num_blocks, block_size, Hkv, D]``.
     """
+    if layout not in KV_LAYOUTS:
+        raise ValueError(f"layout must be one of {KV_LAYOUTS}, got {layout!r}")
     p = params or PeakedAttentionParams()
     g = torch.Generator(device=device).manual_seed(p.seed)
     pages = -(-seq_len // block_size)
@@ -173,6 +191,8 @@ def peaked_decode_batch(
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     k_cache = torch.randn(shape, generator=g, device=device, dtype=dtype)
     v_cache = torch.randn(shape, generator=g, device=device, dtype=dtype)
+    if layout == "HND":  # same values, head-major pages
+        k_cache, v_cache = (to_kv_layout(c, "HND") for c in (k_cache, v_cache))
     u = torch.nn.functional.normalize(torch.randn(num_kv_heads, head_dim, generator=g, device=device), dim=-1)
     grp = num_q_heads // num_kv_heads
     q = math.sqrt(head_dim) * u.repeat_interleave(grp, 0)[None] + 0.3 * torch.randn(

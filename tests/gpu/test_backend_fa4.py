@@ -1,4 +1,5 @@
-"""The CUSTOM backend's impl (cache write + FA4) against the torch oracle, on the GPU."""
+"""The CUSTOM backend's impl (cache write + dense FA3 on sm90 / FA4 on sm100) against the
+torch oracle, on the GPU."""
 
 import random
 from types import SimpleNamespace
@@ -111,3 +112,33 @@ def test_cuda_graph_capture_and_replay_with_new_inputs():
         want = blasst_attention_reference(q, kv[0], kv[1], md.block_table, md.query_start_loc, md.seq_lens, head**-0.5).out
         torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)
         assert torch.equal(kv[0].reshape(-1, hkv, head)[md.slot_mapping], k_new)
+
+
+def test_dense_path_runs_fa3_on_hopper_and_fa4_elsewhere():
+    """The impl's dense output is bit-identical to vLLM's FA3 (sm90) / FA4 call on the same cache."""
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    from vllm_blackwell_sparse.backend import dense_fa_version
+
+    want_version = 3 if torch.cuda.get_device_capability()[0] == 9 else 4
+    assert dense_fa_version() == want_version
+    head, hq, hkv, bs = 128, 32, 8, 16
+    seed = random.randrange(1 << 30)
+    q, k_new, v_new, kv, md = make_problem(seed, head, hq, hkv, bs, torch.bfloat16, [1, 1, 1, 9], [20000, 700, 4096, 9])
+    impl = BlackwellSparseImpl(num_heads=hq, head_size=head, scale=head**-0.5, num_kv_heads=hkv)
+    out = run_impl(impl, q, k_new, v_new, kv, md)
+    direct = torch.empty_like(q)
+    flash_attn_varlen_func(
+        q=q, k=kv[0], v=kv[1], out=direct, cu_seqlens_q=md.query_start_loc, max_seqlen_q=md.max_query_len,
+        seqused_k=md.seq_lens, max_seqlen_k=md.max_seq_len, softmax_scale=head**-0.5, causal=True,
+        block_table=md.block_table, num_splits=0, fa_version=want_version,
+    )
+    assert torch.equal(out, direct), f"seed {seed}"
+    if want_version == 3:  # the check above can fail: FA4 differs from FA3 in the last bits
+        other = torch.empty_like(q)
+        flash_attn_varlen_func(
+            q=q, k=kv[0], v=kv[1], out=other, cu_seqlens_q=md.query_start_loc, max_seqlen_q=md.max_query_len,
+            seqused_k=md.seq_lens, max_seqlen_k=md.max_seq_len, softmax_scale=head**-0.5, causal=True,
+            block_table=md.block_table, num_splits=0, fa_version=4,
+        )
+        assert not torch.equal(out, other), f"seed {seed}: FA3 and FA4 gave identical bits, the check proves nothing"

@@ -57,6 +57,19 @@ def calibrate(run_sparsity, target: float, hi: float, steps: int = 14):
     return best
 
 
+def calibrate_factors(run_counting, counts: torch.Tensor, targets, hi: float) -> dict:
+    """``{target: (factor, sparsity)}`` for each target sparsity :func:`calibrate` reaches;
+    ``run_counting(factor)`` runs the kernel with its skip counters zeroed into ``counts``
+    (int32 ``[B, 2]``: skipped, eligible)."""
+    def sparsity_at(factor):
+        run_counting(factor)
+        skipped, eligible = counts.sum(0).tolist()
+        return skipped / max(eligible, 1)
+
+    found = {t: calibrate(sparsity_at, t, hi) for t in targets}
+    return {t: v for t, v in found.items() if v is not None}
+
+
 def vllm_fa_decode(w: dict, out: torch.Tensor, version: int, max_seq_len: int):
     """A call of vLLM's FA3 / FA4 (``fa_version``) dense decode on the batch ``w`` of
     ``workloads.peaked_decode_batch`` (one token per request), writing ``out``."""

@@ -45,7 +45,10 @@ instruction-bound, about 20 µs per pass over 128K columns. Counting ``key >= T_
 instead of the histogram pass was exact but 12-28% slower (more instructions per column),
 so the histogram pass stays; speed at small batches needs several CTAs per row (the
 cluster kernel). The cluster kernel's time grows by about 0.25 µs per column each thread
-holds, for a reason not yet established (docs/BENCHMARKS.md).
+holds: per-key instructions (a branch per key in the verify histogram, with its
+reconvergence, cost more than an unconditional shared-memory atomic; removing it gained
+4-12%). Emitting with one scan per lane over lane-contiguous columns, instead of one per
+4-column group, spilled at 64 columns per thread and was rejected (docs/BENCHMARKS.md).
 Neither kernel synchronises with the host or allocates: both can be captured in a CUDA
 graph.
 """
@@ -59,6 +62,7 @@ from vllm_blackwell_sparse.kernels import target_arch
 
 DEFAULT_THREADS = 512  # per CTA (one CTA per row); at least BINS
 BINS = 256
+HIST_STRIDE = BINS + 4  # the cluster kernel's warp histogram: the bins, a spare bin at BINS, padding to 16 bytes
 CAP_FACTOR = 3
 VEC_WIDTHS = (1, 4)  # columns per load; 4: 128-bit loads, for rows that are 16-byte aligned
 # Loads each lane issues before using any of them, per load width: the row scans are
@@ -152,6 +156,23 @@ def _kernel_module():
                 above += 1
             else:
                 cute.arch.atomic_add(sHist.iterator + (Int32(b) + warp * BINS), Int32(1))
+        return above
+
+    @cute.jit
+    def count_in_window_branch_free(key, floor, lo, shift, hist, above):
+        """``count_in_window`` without a branch, for the cluster kernel: a key ``>= floor``
+        (``lo``, or higher to leave out padding keys) inside the window adds one to its bin
+        of this warp's histogram ``hist`` (a pointer), one above it to ``above``; every
+        other key adds one to the spare bin ``BINS``, which nothing reads. Most keys are
+        below the window, and there a branch per key (with its reconvergence) cost more
+        than the atomic: 7-13% faster at 32-64 rows (benchmarks/results/topk_h200_gvr_branch_free.json).
+        The one-CTA kernel keeps the branch: this form needs more registers there, which
+        cost it a resident CTA per SM and 3-6% at 64-128 rows."""
+        inside = key >= floor
+        b = (key - lo) >> Uint32(shift)
+        above += Int32(inside & (b >= Uint32(BINS)))
+        slot = cutlass.select_(inside & (b < Uint32(BINS)), Int32(b), Int32(BINS))
+        cute.arch.atomic_add(hist + slot, Int32(1))
         return above
 
     @cute.jit
@@ -615,7 +636,8 @@ def _kernel_module():
             C = self.cluster
 
             smem = cutlass.utils.SmemAllocator()
-            sHist = smem.allocate_tensor(Int32, cute.make_layout((BINS, self.warps), stride=(1, BINS)), 16)
+            # Per-warp histograms with a spare bin each (count_in_window_branch_free).
+            sHist = smem.allocate_tensor(Int32, cute.make_layout((HIST_STRIDE, self.warps), stride=(1, HIST_STRIDE)), 16)
             sCandKey = smem.allocate_tensor(Uint32, cute.make_layout(cap), 16)  # used in the leader only
             sCandIdx = smem.allocate_tensor(Int32, cute.make_layout(cap), 16)
             sRed = smem.allocate_tensor(Int32, cute.make_layout(self.warps), 16)
@@ -717,8 +739,10 @@ def _kernel_module():
                         sHist[b, warp] = 0
                     cute.arch.barrier()
                     above = Int32(0)
+                    hist = sHist.iterator + warp * HIST_STRIDE
+                    floor = cutlass.max(lo, Uint32(1))  # padding columns hold key 0
                     for j in cutlass.range_constexpr(len(keys)):
-                        above = count_in_window(keys[j], keys[j] != Uint32(0), lo, shift, sHist, warp, above)
+                        above = count_in_window_branch_free(keys[j], floor, lo, shift, hist, above)
                     above_w = cute.arch.warp_reduction_sum(above)
                     if lane == 0:
                         sWarp[warp] = above_w

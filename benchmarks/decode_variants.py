@@ -1,0 +1,129 @@
+"""Variant sweep for the BLASST decode kernel (H200): K ring depth x resident warps, or a
+modified copy of the kernel module against the committed one.
+
+For each cell of ``workloads.peaked_decode_batch`` (d 128, bf16) it times -- interleaved
+round by round on the same cache, so drift hits all alike -- vLLM's FA3 and every kernel
+variant dense and at the factors calibrated to ~0.7 / 0.9 skipped tiles. All variants
+use the same split count, so they take the same skip decisions; variants that accumulate
+in the same order give bit-identical outputs, and the script reports, per variant,
+whether its output equals the first variant's. ``--baseline-module PATH`` adds another copy of the kernel module (e.g. an
+older commit's ``blasst_decode.py``) as variant ``baseline``. Writes JSON to ``--out``.
+
+    cd benchmarks && python decode_variants.py --out $OUT/decode_variants.json \\
+        --variants k2:w8 k3:w8 --baseline-module /path/to/other/blasst_decode.py
+"""
+
+import argparse
+import importlib.util
+import json
+import re
+import time
+
+import torch
+
+from vllm_blackwell_sparse import workloads
+from vllm_blackwell_sparse.bench.decode import calibrate_factors, vllm_fa_decode
+from vllm_blackwell_sparse.bench.topk import environment
+from vllm_blackwell_sparse.kernels import blasst_decode as bd
+
+from decode_layout import interleaved_medians  # noqa: E402 - sibling script
+
+# (batch, context, num_q_heads, page)
+CELLS = [(8, 32768, 32, 16), (8, 65536, 32, 16), (8, 32768, 32, 64), (32, 32768, 32, 16), (32, 32768, 64, 64),
+         (64, 32768, 32, 16), (32, 131072, 32, 16)]
+
+
+def parse_variant(spec: str) -> dict:
+    """``kK:wW`` -> k_stages K, min_warps_per_sm W."""
+    m = re.fullmatch(r"k(\d+):w(\d+)", spec)
+    if not m:
+        raise SystemExit(f"--variants: expected kK:wW (e.g. k2:w8), got {spec!r}")
+    return {"k_stages": int(m[1]), "min_warps_per_sm": int(m[2])}
+
+
+def load_module(path: str):
+    spec = importlib.util.spec_from_file_location("baseline_blasst_decode", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--cells", nargs="+", default=None, help="BATCHxCONTEXTxHQxPAGE (default: CELLS)")
+    ap.add_argument("--variants", nargs="+", default=["k2:w8", "k3:w8"])
+    ap.add_argument("--baseline-module", default=None)
+    ap.add_argument("--sparsities", type=float, nargs="+", default=[0.7, 0.9])
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=3)
+    a = ap.parse_args()
+    cells = [tuple(int(x) for x in c.split("x")) for c in a.cells] if a.cells else CELLS
+    variants = {}
+    if a.baseline_module:
+        base = load_module(a.baseline_module)
+        variants["baseline"] = (base, {})
+    for spec in a.variants:
+        variants[spec] = (bd, parse_variant(spec))
+    hkv, d = 8, 128
+    res = {"environment": environment(), "args": vars(a), "cells": []}
+    for batch, ctx, hq, page in cells:
+        t0 = time.time()
+        w = workloads.peaked_decode_batch(batch, ctx, hq, hkv, d, page, device="cuda")
+        q, kc, vc, table, lens = (w[k] for k in ("q", "k_cache", "v_cache", "block_table", "seq_lens"))
+        scale = d ** -0.5
+        splits = bd.num_splits_heuristic(batch, hkv, hq // hkv, ctx, q.device)
+        ws = bd.decode_workspace(splits, batch, hq, d, q.device)
+        counts = torch.zeros(batch, 2, dtype=torch.int32, device="cuda")
+        outs = {name: torch.empty_like(q) for name in variants}
+
+        def run(name, factor, count=False):
+            mod, kw = variants[name]
+            if count:
+                counts.zero_()
+            return mod.blasst_decode(q, kc, vc, table, lens, softmax_scale=scale, threshold_scale_factor=factor,
+                                     num_splits=splits, out=outs[name], workspace=ws,
+                                     skip_counts=counts if count else None, **kw)
+
+        first = next(iter(variants))
+
+        factors = calibrate_factors(lambda f: run(first, f, count=True), counts, a.sparsities, float(ctx))
+        fa3_out = torch.empty_like(q)
+        fns = {"fa3": vllm_fa_decode(w, fa3_out, 3, ctx)}
+        checks = {}
+        fns["fa3"]()
+        ref = fa3_out.float().clone()
+        for label, factor in [("dense", None)] + [(f"s{sp}", f) for sp, (f, _) in factors.items()]:
+            run(first, factor)
+            want = outs[first].clone()
+            checks[f"{label}_max_err_vs_fa3"] = (want.float() - ref).abs().max().item()
+            for name in variants:
+                fns[f"{label}|{name}"] = (lambda n=name, f=factor: run(n, f))
+                if name != first:
+                    run(name, factor)
+                    checks[f"{label}|{name}_bit_identical"] = bool(torch.equal(outs[name], want))
+        times = interleaved_medians(fns, a.rounds, a.warmup)
+        kv_bytes = batch * ctx * hkv * d * 2
+        cell = {"batch": batch, "context": ctx, "num_q_heads": hq, "num_kv_heads": hkv, "page": page, "splits": splits,
+                "factors": {str(k): {"factor": v[0], "sparsity": v[1]} for k, v in factors.items()},
+                "us": times, "checks": checks, "kv_bytes_one_plane": kv_bytes}
+        res["cells"].append(cell)
+        fa3 = times["fa3"]
+        bad = [k for k, v in checks.items() if v is False]
+        print(f"B{batch} {ctx // 1024}K {hq}/{hkv} p{page} splits {splits} fa3 {fa3:.0f} [{time.time() - t0:.0f}s]"
+              + (f" NOT IDENTICAL: {bad}" if bad else " outputs identical"), flush=True)
+        for name in variants:
+            line = f"  {name:>12}: dense {times[f'dense|{name}']:.0f} (x{fa3 / times[f'dense|{name}']:.3f})"
+            for sp, (_, got) in factors.items():
+                t = times[f"s{sp}|{name}"]
+                line += f" | s{got:.2f} {t:.0f} x{fa3 / t:.3f} (bar {0.9 / (0.5 + 0.5 * (1 - got)):.3f})"
+            print(line, flush=True)
+        with open(a.out, "w") as fh:
+            json.dump(res, fh, indent=1)
+        w = q = kc = vc = ws = ref = None
+        outs.clear()
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

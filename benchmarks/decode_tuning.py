@@ -17,7 +17,7 @@ import time
 import torch
 
 from vllm_blackwell_sparse import workloads
-from vllm_blackwell_sparse.bench.decode import calibrate_factors, time_us, vllm_fa_decode
+from vllm_blackwell_sparse.bench.decode import calibrate_factors, speedup_bar, time_us, vllm_fa_decode
 from vllm_blackwell_sparse.bench.topk import environment
 from vllm_blackwell_sparse.kernels import blasst_decode as bd
 
@@ -79,7 +79,7 @@ def main():
                     s_, e_ = counts.sum(0).tolist()
                     got = s_ / max(e_, 1)
                     row[f"s{sp}"] = {"factor": factor, "us": t, "sparsity": got, "vs_fa3": fa3 / t,
-                                     "bar": 0.9 / (0.5 + 0.5 * (1 - got)),
+                                     "bar": speedup_bar(got),
                                      "tb_s": kv_bytes * (2 - got) / t / 1e6,
                                      "max_err": (out.float() - ref).abs().max().item()}
                 cell["runs"].append(row)

@@ -22,7 +22,7 @@ import time
 import torch
 
 from vllm_blackwell_sparse import workloads
-from vllm_blackwell_sparse.bench.decode import calibrate_factors, vllm_fa_decode
+from vllm_blackwell_sparse.bench.decode import calibrate_factors, speedup_bar, vllm_fa_decode
 from vllm_blackwell_sparse.bench.topk import environment
 from vllm_blackwell_sparse.kernels import blasst_decode as bd
 
@@ -116,12 +116,13 @@ def main():
             line = f"  {name:>12}: dense {times[f'dense|{name}']:.0f} (x{fa3 / times[f'dense|{name}']:.3f})"
             for sp, (_, got) in factors.items():
                 t = times[f"s{sp}|{name}"]
-                line += f" | s{got:.2f} {t:.0f} x{fa3 / t:.3f} (bar {0.9 / (0.5 + 0.5 * (1 - got)):.3f})"
+                line += f" | s{got:.2f} {t:.0f} x{fa3 / t:.3f} (bar {speedup_bar(got):.3f})"
             print(line, flush=True)
         with open(a.out, "w") as fh:
             json.dump(res, fh, indent=1)
         w = q = kc = vc = ws = ref = None
         outs.clear()
+        fns.clear()  # their closures hold the cache
         torch.cuda.empty_cache()
 
 

@@ -256,3 +256,25 @@ def test_forward_hands_dense_attention_the_kv_planes_and_unpadded_slices(monkeyp
     want = paged_attention_dense(q[:4], kv[0], kv[1], md.block_table, md.query_start_loc, md.seq_lens, impl.scale)
     torch.testing.assert_close(out[:4], want)
     assert bool((out[4:] == 5.0).all())  # padding rows untouched
+
+
+@pytest.mark.parametrize("major,fa3,want", [(9, True, 3), (9, False, 4), (10, True, 4), (10, False, 4)])
+def test_dense_attention_is_fa3_on_hopper_only_where_vllm_ships_it(monkeypatch, major, fa3, want):
+    """dense_fa_version's rule, on CPU: vLLM's FlashAttention modules replaced by stand-ins."""
+    import sys
+    import types
+
+    import vllm_blackwell_sparse.backend as backend
+
+    pkg = types.ModuleType("vllm.vllm_flash_attn")
+    iface = types.ModuleType("vllm.vllm_flash_attn.flash_attn_interface")
+    iface.is_fa_version_supported = lambda v: fa3 if v == 3 else True
+    pkg.flash_attn_interface = iface
+    monkeypatch.setitem(sys.modules, "vllm.vllm_flash_attn", pkg)
+    monkeypatch.setitem(sys.modules, "vllm.vllm_flash_attn.flash_attn_interface", iface)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (major, 0))
+    backend.dense_fa_version.cache_clear()
+    try:
+        assert backend.dense_fa_version() == want
+    finally:
+        backend.dense_fa_version.cache_clear()

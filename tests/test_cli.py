@@ -18,7 +18,7 @@ def test_doctor_reports_versions_entry_point_and_kernels():
     out = run("doctor")
     assert out.returncode == 0, out.stdout + out.stderr
     for text in ("vLLM             0.26", "nvidia-cutlass-dsl", "blackwell_sparse = vllm_blackwell_sparse:register",
-                 "CUSTOM -> vllm_blackwell_sparse.backend.BlackwellSparseBackend", "FA4 dense attention", "BLASST decode",
+                 "CUSTOM -> vllm_blackwell_sparse.backend.BlackwellSparseBackend", "FA4 (vllm.vllm_flash_attn.cute)", "BLASST decode",
                  "DSA indexer hook armed", '"gvr_topk": true'):
         assert text in out.stdout, out.stdout
 

@@ -141,3 +141,9 @@ def test_calibrate_factors_bisects_the_kernel_counters_and_drops_unreached_targe
     factor, sparsity = found[0.5]
     assert sparsity >= 0.5 and 1000 <= factor < 1000 * 1.01
     assert len(calls) == 2 * 14
+
+
+def test_speedup_bar_is_the_issues():
+    from vllm_blackwell_sparse.bench.decode import speedup_bar
+
+    assert round(speedup_bar(0.73), 2) == 1.42 and round(speedup_bar(0.7), 3) == 1.385 and speedup_bar(0.0) == 0.9

@@ -1,5 +1,5 @@
-"""vllm-blackwell-sparse: a vLLM plugin for long-context attention on FA4, with
-BLASST tile skipping and GVR top-k (see README.md).
+"""vllm-blackwell-sparse: a vLLM plugin for long-context attention on FlashAttention
+(FA3 on Hopper, FA4 on Blackwell), with BLASST tile skipping and GVR top-k (see README.md).
 
 Importing the package is cheap and imports neither vLLM nor CUDA code.
 """

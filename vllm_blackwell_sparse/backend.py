@@ -45,9 +45,10 @@ logger = init_logger(__name__)
 # sm90 and to 128 on sm100 (its 192/128 and 256/256 are MLA / dedicated-kernel shapes
 # this backend does not route).
 SUPPORTED_HEAD_SIZES = {9: tuple(range(32, 257, 8)), 10: tuple(range(32, 129, 8))}
-# FA4 reads paged KV with TMA when the page equals its KV tile (128 keys for head sizes
-# up to 128) and with a slower cp.async path otherwise (20-30% slower at 16-token pages
-# on the H200, docs/BENCHMARKS.md), so 128-token blocks are preferred.
+# FA4 (the dense path on Blackwell) reads paged KV with TMA when the page equals its KV
+# tile (128 keys for head sizes up to 128) and with a slower cp.async path otherwise
+# (13-29% behind FA3 at 16-token pages on the H200, docs/BENCHMARKS.md), so 128-token
+# blocks are preferred; FA3, the dense path on Hopper, is as fast at 128 as at 16.
 PREFERRED_BLOCK_SIZE = 128
 KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")
 # The BLASST decode kernel's shapes (kernels/blasst_decode.py).
@@ -128,12 +129,12 @@ class BlackwellSparseBackend(AttentionBackend):
         if fa4_missing:
             reasons.append(fa4_missing)
         if kv_cache_dtype not in (None, "auto") and kv_cache_dtype != str(dtype).removeprefix("torch."):
-            reasons.append(f"kv_cache_dtype={kv_cache_dtype!r} differs from the model dtype {dtype} (FA4 needs them equal)")
+            reasons.append(f"kv_cache_dtype={kv_cache_dtype!r} differs from the model dtype {dtype} (the dense FlashAttention path needs them equal)")
         sizes = SUPPORTED_HEAD_SIZES.get(device_capability.major)
         if sizes is None:
             reasons.append(
                 f"compute capability {device_capability.major}.{device_capability.minor} is not supported "
-                "(FA4 on sm90 / sm100 only)"
+                "(sm90 / sm100 only)"
             )
         elif head_size not in sizes:
             reasons.append(
@@ -176,9 +177,10 @@ class BlackwellSparseMetadata:
 
 
 class BlackwellSparseMetadataBuilder(AttentionMetadataBuilder[BlackwellSparseMetadata]):
-    # FA4 is captured for uniform batches (all decode, same query length), as vLLM's
-    # own FA4 path declares: its launch configuration depends on max_seqlen_q, so a
-    # graph captured for one query length is not valid for a mixed batch.
+    # Captured for uniform batches (all decode, same query length), as vLLM's own FA4
+    # path declares: FA4's launch configuration depends on max_seqlen_q, so a graph
+    # captured for one query length is not valid for a mixed batch (kept on Hopper too,
+    # where dense attention is FA3).
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_BATCH
     supports_update_block_table: bool = True
 
@@ -401,9 +403,10 @@ def fa4_unavailable_reason() -> str | None:
 @functools.cache
 def dense_fa_version() -> int:
     """The FlashAttention version dense attention runs: 3 on sm90 when vLLM's FA3 is
-    available (on the H200 it is 20-30% faster than FA4 on 16-token pages and at least
-    as fast at 128, docs/BENCHMARKS.md), else 4. Imports CUDA modules: call it on the GPU
-    path only."""
+    available (on the H200 it is 13-29% faster than FA4 on 16-token pages and within 2%
+    at 128, docs/BENCHMARKS.md), else 4. Imports CUDA modules: call it on the GPU path
+    only. Cached per process: it reads the current device, and a vLLM worker drives one
+    GPU."""
     from vllm.vllm_flash_attn.flash_attn_interface import is_fa_version_supported
 
     if torch.cuda.get_device_capability()[0] == 9 and is_fa_version_supported(3):

@@ -150,7 +150,9 @@ def run_demo(
     print(f"vbs demo on {gpu['name']} ({gpu['arch']}): tiny dummy-weight Llama, {num_prompts} prompts x "
           f"{prompt_tokens} tokens, {max_tokens} greedy tokens each")
     runs = {}
-    dense = "FA3" if gpu["capability"][0] == 9 else "FA4"  # backend.dense_fa_version's rule
+    from vllm_blackwell_sparse.backend import dense_fa_version
+
+    dense = f"FA{dense_fa_version()}"
     for label, spec in (
         (f"CUSTOM (ours, {dense})", GenerationSpec(backend="CUSTOM")),
         ("FLASH_ATTN (stock)", GenerationSpec(backend="FLASH_ATTN")),

@@ -62,7 +62,7 @@ def kernel_availability(gpu: dict) -> dict[str, str]:
             importlib.import_module("vllm.vllm_flash_attn.cute.interface")
         except Exception as e:  # noqa: BLE001 - report whatever breaks the import
             fa4 = f"unavailable: importing vllm.vllm_flash_attn.cute failed: {type(e).__name__}: {e}"
-    out["FA4 dense attention (vllm.vllm_flash_attn.cute)"] = fa4
+    out["FA4 (vllm.vllm_flash_attn.cute)"] = fa4
     if gpu["cuda"] and gpu["capability"][0] in (9, 10):
         try:
             from vllm_blackwell_sparse.backend import dense_fa_version
@@ -70,7 +70,7 @@ def kernel_availability(gpu: dict) -> dict[str, str]:
             dense = f"FA{dense_fa_version()}"
         except Exception as e:  # noqa: BLE001 - report whatever breaks the import
             dense = f"unknown: {type(e).__name__}: {e}"
-        out["dense attention runs (prefill; decode without a BLASST factor)"] = dense
+        out["dense attention (prefill; plain decode)"] = dense
     for phase in ("prefill", "decode"):
         out[f"BLASST {phase}"] = "available" if BLASST_KERNEL_AVAILABLE[phase] else "not in this release"
     if gpu["cuda"] and gpu["capability"][0] in (9, 10):

@@ -1,7 +1,7 @@
 #!/bin/bash
 # The GPU test session on the H200 (after the `full` bundle is installed; see docs/VERIFICATION.md).
 # Usage: bash tests/gpu/run_h200.sh STAGE   with STAGE = kernels | llm | server | demo | dsa | dsa-eager | all
-# (kernels: FA4 backend impl + GVR top-k + BLASST decode; llm: offline LLM() token equality; server: OpenAI server;
+# (kernels: backend impl (dense FA3 / FA4) + GVR top-k + BLASST decode; llm: offline LLM() token equality; server: OpenAI server;
 #  dsa / dsa-eager: GVR inside the tiny DeepSeek-V3.2, CUDA graphs / enforce_eager, ~4 min each)
 # Logs and JSON artifacts go to $OUT (or ./gpu-artifacts).
 set -uo pipefail

@@ -57,6 +57,12 @@ def calibrate(run_sparsity, target: float, hi: float, steps: int = 14):
     return best
 
 
+def speedup_bar(sparsity: float) -> float:
+    """The BLASST decode issue's bar at skipped fraction ``sparsity``: 0.9 of the bound
+    1 / (0.5 + 0.5 (1 - s)) that skipping V alone allows (K is always read)."""
+    return 0.9 / (0.5 + 0.5 * (1 - sparsity))
+
+
 def calibrate_factors(run_counting, counts: torch.Tensor, targets, hi: float) -> dict:
     """``{target: (factor, sparsity)}`` for each target sparsity :func:`calibrate` reaches;
     ``run_counting(factor)`` runs the kernel with its skip counters zeroed into ``counts``

@@ -47,7 +47,7 @@ so the histogram pass stays; speed at small batches needs several CTAs per row (
 cluster kernel). The cluster kernel's time grows by about 0.25 µs per column each thread
 holds: per-key instructions (a branch per key in the verify histogram, with its
 reconvergence, cost more than an unconditional shared-memory atomic; removing it gained
-4-12%). Emitting with one scan per lane over lane-contiguous columns, instead of one per
+2-13%). Emitting with one scan per lane over lane-contiguous columns, instead of one per
 4-column group, spilled at 64 columns per thread and was rejected (docs/BENCHMARKS.md).
 Neither kernel synchronises with the host or allocates: both can be captured in a CUDA
 graph.
@@ -165,9 +165,9 @@ def _kernel_module():
         of this warp's histogram ``hist`` (a pointer), one above it to ``above``; every
         other key adds one to the spare bin ``BINS``, which nothing reads. Most keys are
         below the window, and there a branch per key (with its reconvergence) cost more
-        than the atomic: 7-13% faster at 32-64 rows (benchmarks/results/topk_h200_gvr_branch_free.json).
+        than the atomic: 6-13% faster at 16-64 rows (benchmarks/results/topk_h200_gvr_branch_free.json).
         The one-CTA kernel keeps the branch: this form needs more registers there, which
-        cost it a resident CTA per SM and 3-6% at 64-128 rows."""
+        cost it a resident CTA per SM and 0-6% at 64-128 rows."""
         inside = key >= floor
         b = (key - lo) >> Uint32(shift)
         above += Int32(inside & (b >= Uint32(BINS)))

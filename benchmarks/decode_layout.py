@@ -15,37 +15,18 @@ layouts must be equal (same values, same order of arithmetic). Writes JSON to ``
 
 import argparse
 import json
-import statistics
 import time
 
 import torch
 
 from vllm_blackwell_sparse import workloads
-from vllm_blackwell_sparse.bench.decode import calibrate_factors, speedup_bar, vllm_fa_decode
+from vllm_blackwell_sparse.bench.decode import calibrate_factors, interleaved_medians, speedup_bar, vllm_fa_decode
 from vllm_blackwell_sparse.bench.topk import environment
 from vllm_blackwell_sparse.kernels import blasst_decode as bd
 
 # (batch, context, num_q_heads, page)
 CELLS = [(8, 32768, 32, 16), (8, 65536, 32, 16), (8, 32768, 32, 64), (32, 32768, 32, 16), (32, 32768, 64, 64),
          (64, 32768, 32, 16), (32, 131072, 32, 16)]
-
-
-def interleaved_medians(fns: dict, rounds: int, warmup: int) -> dict:
-    """Median µs of each callable, timed one call each per round, round after round."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    torch.cuda.synchronize()
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times[name].append(start.elapsed_time(end) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main():

@@ -22,11 +22,9 @@ import time
 import torch
 
 from vllm_blackwell_sparse import workloads
-from vllm_blackwell_sparse.bench.decode import calibrate_factors, speedup_bar, vllm_fa_decode
+from vllm_blackwell_sparse.bench.decode import calibrate_factors, interleaved_medians, speedup_bar, vllm_fa_decode
 from vllm_blackwell_sparse.bench.topk import environment
 from vllm_blackwell_sparse.kernels import blasst_decode as bd
-
-from decode_layout import interleaved_medians  # noqa: E402 - sibling script
 
 # (batch, context, num_q_heads, page)
 CELLS = [(8, 32768, 32, 16), (8, 65536, 32, 16), (8, 32768, 32, 64), (32, 32768, 32, 16), (32, 32768, 64, 64),

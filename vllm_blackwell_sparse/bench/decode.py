@@ -11,12 +11,13 @@ output (max and mean abs), speedup over the best dense kernel.
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 import torch
 
 from vllm_blackwell_sparse import workloads
-from vllm_blackwell_sparse.bench.topk import environment
+from vllm_blackwell_sparse.bench.topk import environment, event_us
 
 DEFAULT_BATCHES = (1, 8, 32, 64)
 DEFAULT_CONTEXTS = (8192, 32768, 65536, 131072)
@@ -31,16 +32,21 @@ def time_us(fn, iters: int, warmup: int) -> float:
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    times.sort()
+    times = sorted(event_us(fn) for _ in range(iters))
     return times[len(times) // 2]
+
+
+def interleaved_medians(fns: dict, rounds: int, warmup: int) -> dict:
+    """Median µs of each callable, timed one call each per round, round after round."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    torch.cuda.synchronize()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(event_us(fn))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def calibrate(run_sparsity, target: float, hi: float, steps: int = 14):
@@ -135,18 +141,13 @@ def bench_cell(batch, context, hq, hkv, page, sparsities, iters, warmup) -> dict
             "speedup_vs_best_dense": best_dense / t if best_dense else None, "num_splits": splits, **extra,
         }
 
-    def measured_sparsity(factor):
-        ours(factor, count=True)
-        skipped, eligible = counts.sum(0).tolist()
-        return skipped / max(eligible, 1)
-
     record("ours_dense", None, {})
+    factors = calibrate_factors(lambda f: ours(f, count=True), counts, sparsities, float(context))
     for target in sparsities:
-        found = calibrate(lambda f: measured_sparsity(f), target, float(context))
-        if found is None:
+        if target not in factors:
             cell["kernels"][f"ours_s{target}"] = {"unreached": True, "target_sparsity": target}
             continue
-        record(f"ours_s{target}", found[0], {"target_sparsity": target})
+        record(f"ours_s{target}", factors[target][0], {"target_sparsity": target})
     cell["best_dense_us"] = best_dense
     return cell
 

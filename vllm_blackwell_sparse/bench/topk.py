@@ -136,6 +136,16 @@ def exact_against_torch(x: torch.Tensor, out: torch.Tensor, k: int, want_sorted:
     return inexact_reason(x, out, k, want_sorted) is None
 
 
+def event_us(fn) -> float:
+    """µs of one call of ``fn``, between CUDA events around it."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3
+
+
 def time_kernel(fn: Callable, x: torch.Tensor, src: torch.Tensor, lens, out, *, l2: str, iters: int, warmup: int) -> float:
     """Median µs of ``fn`` alone; see the module docstring for ``l2``."""
     flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.float32, device="cuda") if l2 == "cold" else None
@@ -147,13 +157,9 @@ def time_kernel(fn: Callable, x: torch.Tensor, src: torch.Tensor, lens, out, *, 
         x.copy_(src)  # the "indexer" writes the logits
         if flush is not None:
             flush.fill_(float(i))
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(x, lens, out)
-        end.record()
-        end.synchronize()
+        t = event_us(lambda: fn(x, lens, out))
         if i >= warmup:
-            times.append(start.elapsed_time(end) * 1000.0)
+            times.append(t)
     return statistics.median(times)
 
 

@@ -303,6 +303,22 @@ def _kernel_module():
             cute.arch.barrier()
 
         @cute.jit
+        def zero_warp_histogram(self, sHist, warp, lane):
+            """Start of a verify round: this warp's bins zeroed, then a CTA barrier."""
+            for b in cutlass.range(lane, BINS, 32):
+                sHist[b, warp] = 0
+            cute.arch.barrier()
+
+        @cute.jit
+        def publish_warp_above(self, above, sWarp, warp, lane):
+            """End of a verify round's count: the warp's keys above the window into
+            ``sWarp[warp]``, then a CTA barrier."""
+            above_w = cute.arch.warp_reduction_sum(above)
+            if lane == 0:
+                sWarp[warp] = above_w
+            cute.arch.barrier()
+
+        @cute.jit
         def lower_warps_counts(self, first_bin, thr_bin, base, tie_base, sHist, sWarp, sWarpTie, warp, lane):
             """From the per-warp histograms of the deciding round: the keys of the lower
             warps in bins ``first_bin`` and up (plus those above the window, which
@@ -453,19 +469,14 @@ def _kernel_module():
                 done = Int32(0)
                 thr_bin = Int32(0)
                 while done == 0:
-                    for b in cutlass.range(lane, BINS, 32):
-                        sHist[b, warp] = 0
-                    cute.arch.barrier()
+                    self.zero_warp_histogram(sHist, warp, lane)
                     above = Int32(0)
                     for base in cutlass.range(seg_lo, seg_hi, self.step):
                         keys, valid, _ = load_keys(mBits, mChunks, row, base, lane, seg_hi, self.loads, self.width)
                         for u in cutlass.range_constexpr(self.loads):
                             for i in cutlass.range_constexpr(self.width):
                                 above = count_in_window(keys[u][i], valid[u][i], lo, shift, sHist, warp, above)
-                    above_w = cute.arch.warp_reduction_sum(above)
-                    if lane == 0:
-                        sWarp[warp] = above_w
-                    cute.arch.barrier()
+                    self.publish_warp_above(above, sWarp, warp, lane)
                     # Bin totals and their suffix sums (thread b owns bin b), then pick
                     # the highest boundary with count >= k.
                     if tidx < BINS:
@@ -734,19 +745,14 @@ def _kernel_module():
                 done = Int32(0)
                 thr_bin = Int32(0)
                 parity = Int32(0)
+                hist = sHist.iterator + warp * HIST_STRIDE
                 while done == 0:
-                    for b in cutlass.range(lane, BINS, 32):
-                        sHist[b, warp] = 0
-                    cute.arch.barrier()
+                    self.zero_warp_histogram(sHist, warp, lane)
                     above = Int32(0)
-                    hist = sHist.iterator + warp * HIST_STRIDE
                     floor = cutlass.max(lo, Uint32(1))  # padding columns hold key 0
                     for j in cutlass.range_constexpr(len(keys)):
                         above = count_in_window_branch_free(keys[j], floor, lo, shift, hist, above)
-                    above_w = cute.arch.warp_reduction_sum(above)
-                    if lane == 0:
-                        sWarp[warp] = above_w
-                    cute.arch.barrier()
+                    self.publish_warp_above(above, sWarp, warp, lane)
                     # Entries 0..BINS-1 are the bins, entry BINS the count above the window.
                     for e in cutlass.range(tidx, BINS + 1, self.threads):
                         tot = Int32(0)

@@ -1,5 +1,6 @@
 """Synthetic workloads: the DSA trace reaches the two overlap regimes it is tuned for."""
 
+import pytest
 import torch
 
 from vllm_blackwell_sparse.bench.topk import exact_against_torch, markdown_table
@@ -105,7 +106,6 @@ def test_calibrated_factor_reaches_the_target_sparsity_and_is_minimal():
 
 
 def test_head_major_cache_holds_the_same_values_in_head_major_pages():
-    import pytest
 
     from vllm_blackwell_sparse.workloads import peaked_decode_batch, to_kv_layout
 
@@ -147,3 +147,15 @@ def test_speedup_bar_is_the_issues():
     from vllm_blackwell_sparse.bench.decode import speedup_bar
 
     assert round(speedup_bar(0.73), 2) == 1.42 and round(speedup_bar(0.7), 3) == 1.385 and speedup_bar(0.0) == 0.9
+
+
+def test_decode_bench_refuses_a_timing_that_includes_the_host_launch(monkeypatch):
+    """gpu_call_us keeps a time only when the GPU's spin outlasted the host's launch of the call."""
+    from vllm_blackwell_sparse.bench import decode
+
+    monkeypatch.setattr(decode, "_SPIN_US", [1000.0])  # the spin lasts 1 ms
+    monkeypatch.setattr(decode, "gpu_us", lambda fn, cycles: (250.0, 400.0))  # (GPU µs, host µs)
+    assert decode.gpu_call_us(lambda: None) == 250.0
+    monkeypatch.setattr(decode, "gpu_us", lambda fn, cycles: (250.0, 950.0))
+    with pytest.raises(RuntimeError, match="raise bench.decode.SPIN_CYCLES"):
+        decode.gpu_call_us(lambda: None)

@@ -7,6 +7,11 @@ calibrated (bisection with the kernel's own skip counters) to reach each target
 sparsity. Reported per kernel: median µs, bandwidth of the bytes actually read (K of
 every tile, V of the kept ones), sparsity with both counts, output error against FA3's
 output (max and mean abs), speedup over the best dense kernel.
+
+Times are the GPU's (``us``: the host's launch hidden behind a spin kernel, see
+``bench.timing``), as in a CUDA-graph replay, which is how vLLM runs decode; speedups use
+them. ``us_with_launch`` is the time an eager caller waits (host launch included), kept
+for reference: benchmark results before 2026-12-01 reported that one.
 """
 
 import json
@@ -17,7 +22,8 @@ from pathlib import Path
 import torch
 
 from vllm_blackwell_sparse import workloads
-from vllm_blackwell_sparse.bench.topk import environment, event_us
+from vllm_blackwell_sparse.bench.timing import event_us, gpu_us
+from vllm_blackwell_sparse.bench.topk import environment
 
 DEFAULT_BATCHES = (1, 8, 32, 64)
 DEFAULT_CONTEXTS = (8192, 32768, 65536, 131072)
@@ -27,17 +33,39 @@ DEFAULT_SPARSITIES = (0.5, 0.7, 0.9)
 HEAD_DIM = 128
 
 
-def time_us(fn, iters: int, warmup: int) -> float:
-    """Median of ``iters`` CUDA-event timings of ``fn`` after ``warmup`` calls."""
+# The GPU spins this long before each timed call (bench.timing.gpu_us): ~1 ms at the
+# H200's clock, far above the host time of any decode wrapper timed here (checked per call).
+SPIN_CYCLES = 2_000_000
+_SPIN_US: list[float] = []
+
+
+def gpu_call_us(fn) -> float:
+    """GPU µs of one call of ``fn`` (bench.timing.gpu_us), refusing a measurement in which
+    the host took longer to launch the call than the GPU spent spinning: that one would
+    include host time after all."""
+    if not _SPIN_US:
+        _SPIN_US.append(event_us(lambda: torch.cuda._sleep(SPIN_CYCLES)))
+    t, host = gpu_us(fn, SPIN_CYCLES)
+    if host > 0.9 * _SPIN_US[0]:
+        raise RuntimeError(f"the host took {host:.0f} µs to launch the timed call, the GPU spun only "
+                           f"{_SPIN_US[0]:.0f} µs: raise bench.decode.SPIN_CYCLES")
+    return t
+
+
+def time_us(fn, iters: int, warmup: int, *, with_launch: bool = False) -> float:
+    """Median µs of ``iters`` calls of ``fn`` after ``warmup`` calls: the GPU's time
+    (:func:`gpu_call_us`), or, ``with_launch``, the time an eager caller waits, host launch
+    included (CUDA events around the call on an idle GPU)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    times = sorted(event_us(fn) for _ in range(iters))
-    return times[len(times) // 2]
+    timer = event_us if with_launch else gpu_call_us
+    return statistics.median(timer(fn) for _ in range(iters))
 
 
 def interleaved_medians(fns: dict, rounds: int, warmup: int) -> dict:
-    """Median µs of each callable, timed one call each per round, round after round."""
+    """Median GPU µs (:func:`gpu_call_us`) of each callable, timed one call each per round,
+    round after round."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -45,7 +73,7 @@ def interleaved_medians(fns: dict, rounds: int, warmup: int) -> dict:
     times = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            times[name].append(event_us(fn))
+            times[name].append(gpu_call_us(fn))
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -109,8 +137,10 @@ def bench_cell(batch, context, hq, hkv, page, sparsities, iters, warmup) -> dict
             "workload": w["params"], "kernels": {}}
     for name, version in (("fa3", 3), ("fa4", 4)):
         try:
-            t = time_us(vllm_fa_decode(w, out, version, context), iters, warmup)
-            cell["kernels"][name] = {"us": t, "tb_s": 2 * kv_bytes / t / 1e6}
+            fn = vllm_fa_decode(w, out, version, context)
+            t = time_us(fn, iters, warmup)
+            cell["kernels"][name] = {"us": t, "tb_s": 2 * kv_bytes / t / 1e6,
+                                     "us_with_launch": time_us(fn, iters, 0, with_launch=True)}
         except Exception as e:  # noqa: BLE001 - recorded, the others still run
             cell["kernels"][name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
     vllm_fa_decode(w, out, 3, context)()
@@ -130,6 +160,7 @@ def bench_cell(batch, context, hq, hkv, page, sparsities, iters, warmup) -> dict
 
     def record(name, factor, extra):
         t = time_us(lambda: ours(factor), iters, warmup)
+        t_launch = time_us(lambda: ours(factor), iters, 0, with_launch=True)
         ours(factor, count=factor is not None)
         err = (out.float() - reference).abs()
         skipped, eligible = counts.sum(0).tolist() if factor is not None else (0, 0)
@@ -138,7 +169,8 @@ def bench_cell(batch, context, hq, hkv, page, sparsities, iters, warmup) -> dict
         cell["kernels"][name] = {
             "us": t, "tb_s": read / t / 1e6, "factor": factor, "skipped_tiles": skipped, "eligible_tiles": eligible,
             "sparsity": sparsity, "max_abs_err": err.max().item(), "mean_abs_err": err.mean().item(),
-            "speedup_vs_best_dense": best_dense / t if best_dense else None, "num_splits": splits, **extra,
+            "speedup_vs_best_dense": best_dense / t if best_dense else None, "num_splits": splits,
+            "us_with_launch": t_launch, **extra,
         }
 
     record("ours_dense", None, {})
@@ -153,7 +185,9 @@ def bench_cell(batch, context, hq, hkv, page, sparsities, iters, warmup) -> dict
 
 
 def run_decode_bench(batches, contexts, gqa, pages, sparsities, iters, warmup, log=print, on_cell=None) -> dict:
-    result = {"environment": environment(), "head_dim": HEAD_DIM, "iters": iters, "warmup": warmup, "cells": []}
+    result = {"environment": environment(), "head_dim": HEAD_DIM, "iters": iters, "warmup": warmup,
+              "timing": "us: GPU time, host launch hidden behind a spin kernel (bench.timing.gpu_us); "
+                        "us_with_launch: CUDA events around the call on an idle GPU", "cells": []}
     for hq, hkv in gqa:
         for page in pages:
             for batch in batches:

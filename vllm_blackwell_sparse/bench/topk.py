@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from vllm_blackwell_sparse.bench.timing import event_us
 from vllm_blackwell_sparse.workloads import DSA_TRACE_PRESETS, DsaTraceParams, dsa_decode_trace, topk_overlap
 
 DEFAULT_BATCHES = (1, 8, 32, 64, 128)
@@ -134,16 +135,6 @@ def exact_against_torch(x: torch.Tensor, out: torch.Tensor, k: int, want_sorted:
     """Indices valid and unique per row, values equal torch.topk's as multisets.
     ``want_sorted``: torch.topk's values of ``x`` sorted per row, if already computed."""
     return inexact_reason(x, out, k, want_sorted) is None
-
-
-def event_us(fn) -> float:
-    """µs of one call of ``fn``, between CUDA events around it."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3
 
 
 def time_kernel(fn: Callable, x: torch.Tensor, src: torch.Tensor, lens, out, *, l2: str, iters: int, warmup: int) -> float:

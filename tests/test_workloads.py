@@ -106,7 +106,6 @@ def test_calibrated_factor_reaches_the_target_sparsity_and_is_minimal():
 
 
 def test_head_major_cache_holds_the_same_values_in_head_major_pages():
-
     from vllm_blackwell_sparse.workloads import peaked_decode_batch, to_kv_layout
 
     nhd = peaked_decode_batch(2, 100, 8, 2, 64, 16, device="cpu")

@@ -152,7 +152,7 @@ def test_decode_bench_refuses_a_timing_that_includes_the_host_launch(monkeypatch
     """gpu_call_us keeps a time only when the GPU's spin outlasted the host's launch of the call."""
     from vllm_blackwell_sparse.bench import decode
 
-    monkeypatch.setattr(decode, "_SPIN_US", [1000.0])  # the spin lasts 1 ms
+    monkeypatch.setattr(decode, "spin_us", lambda: 1000.0)  # the spin lasts 1 ms
     monkeypatch.setattr(decode, "gpu_us", lambda fn, cycles: (250.0, 400.0))  # (GPU µs, host µs)
     assert decode.gpu_call_us(lambda: None) == 250.0
     monkeypatch.setattr(decode, "gpu_us", lambda fn, cycles: (250.0, 950.0))

@@ -14,6 +14,7 @@ them. ``us_with_launch`` is the time an eager caller waits (host launch included
 for reference: benchmark results before 2026-12-01 reported that one.
 """
 
+import functools
 import json
 import math
 import statistics
@@ -36,19 +37,22 @@ HEAD_DIM = 128
 # The GPU spins this long before each timed call (bench.timing.gpu_us): ~1 ms at the
 # H200's clock, far above the host time of any decode wrapper timed here (checked per call).
 SPIN_CYCLES = 2_000_000
-_SPIN_US: list[float] = []
+
+
+@functools.cache
+def spin_us() -> float:
+    """How long the GPU spins for ``SPIN_CYCLES`` (µs), measured once."""
+    return event_us(lambda: torch.cuda._sleep(SPIN_CYCLES))
 
 
 def gpu_call_us(fn) -> float:
     """GPU µs of one call of ``fn`` (bench.timing.gpu_us), refusing a measurement in which
     the host took longer to launch the call than the GPU spent spinning: that one would
     include host time after all."""
-    if not _SPIN_US:
-        _SPIN_US.append(event_us(lambda: torch.cuda._sleep(SPIN_CYCLES)))
     t, host = gpu_us(fn, SPIN_CYCLES)
-    if host > 0.9 * _SPIN_US[0]:
+    if host > 0.9 * spin_us():
         raise RuntimeError(f"the host took {host:.0f} µs to launch the timed call, the GPU spun only "
-                           f"{_SPIN_US[0]:.0f} µs: raise bench.decode.SPIN_CYCLES")
+                           f"{spin_us():.0f} µs: raise bench.decode.SPIN_CYCLES")
     return t
 
 

@@ -55,6 +55,7 @@ for head_dim, group, next_n, block_size, dtype in (
                               has_threshold=has_threshold, count_skips=count, final_output=final,
                               record_decisions=count)
     compile_blasst_combine(head_dim=head_dim, dtype=dtype)
+compile_blasst_combine(head_dim=64, dtype=torch.bfloat16, use_pdl=False)
 for k_stages in (1, 8):  # the K ring's extremes
     compile_blasst_decode(head_dim=128, group=4, next_n=1, block_size=16, dtype=torch.bfloat16, has_threshold=True,
                           count_skips=False, final_output=False, k_stages=k_stages)

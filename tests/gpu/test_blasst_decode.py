@@ -124,7 +124,8 @@ def test_factor_unset_equals_dense():
                                     params=wl.PeakedAttentionParams(seed=random.randrange(1 << 30)))
     args = [case[n] for n in wl.CASE_TENSORS]
     dense = paged_attention_dense(*args)
-    for splits in (1, 4, 33):
+    # MAX_SPLITS: every combine thread reads an LSE, and most splits of the short requests are empty.
+    for splits in (1, 4, 33, bd.MAX_SPLITS):
         out = bd.blasst_decode(case["q"], case["k_cache"], case["v_cache"], case["block_table"], case["seq_lens"],
                                softmax_scale=128 ** -0.5, num_splits=splits)
         assert (out.float() - dense).abs().max().item() < 1e-2
@@ -178,3 +179,23 @@ def test_bad_input_is_refused(mutate, fragment):
     mutate(a)
     with pytest.raises(ValueError, match=fragment):
         bd.blasst_decode(a["q"], a["k_cache"], a["v_cache"], a["block_table"], a["seq_lens"], softmax_scale=0.1)
+
+
+def test_too_many_splits_is_refused():
+    case = wl.peaked_attention_case([100, 200], [1, 1], 32, 8, 128, 16, device=DEV)
+    with pytest.raises(ValueError, match="num_splits must be in"):
+        bd.blasst_decode(case["q"], case["k_cache"], case["v_cache"], case["block_table"], case["seq_lens"],
+                         softmax_scale=0.1, num_splits=bd.MAX_SPLITS + 1)
+
+
+def test_combine_with_and_without_pdl_agree():
+    """The merge launched as a programmatic dependent of the decode kernel (the default)
+    and launched plainly give bit-identical outputs on fresh partials."""
+    b, hq, hkv, d, bs, splits = 3, 32, 8, 128, 16, 57
+    w = wl.peaked_decode_batch(b, 5000, hq, hkv, d, bs, device=DEV)
+    ws = bd.decode_workspace(splits, b, hq, d, DEV)
+    with_pdl = bd.blasst_decode(w["q"], w["k_cache"], w["v_cache"], w["block_table"], w["seq_lens"],
+                                softmax_scale=d ** -0.5, threshold_scale_factor=30.0, num_splits=splits, workspace=ws)
+    plain = torch.empty_like(with_pdl)
+    bd.compile_blasst_combine(head_dim=d, dtype=w["q"].dtype, use_pdl=False)(ws[0], ws[1], plain)
+    assert with_pdl.abs().max().item() > 0 and torch.equal(with_pdl, plain)

@@ -63,6 +63,9 @@ DEFAULT_MIN_WARPS_PER_SM = RESIDENT_WARPS_PER_SM
 DEFAULT_K_STAGES = 2  # depth of each warp's shared-memory K ring (K tiles in flight); 2 measured best on the H200
 MAX_K_STAGES = 8
 LOG2E = 1.4426950408889634
+MAX_SPLITS = 256  # split-KV ranges per (request, KV head); the combine reads one LSE per thread
+COMBINE_THREADS = MAX_SPLITS
+COMBINE_LOADS = 8  # 16-byte partial loads per thread in flight at once in the combine
 
 _COMPILED: dict[tuple, object] = {}
 
@@ -230,6 +233,10 @@ def _kernel_module():
                         page_ahead, m_run, l_run, n_skipped, n_eligible, pending_a, alpha_a,
                         scale_log2, thr, skipping,
                     )
+            if const_expr(not self.final_output):
+                # Only the epilogue is left: let the combine kernel (launched as a
+                # programmatic dependent) be scheduled now; it waits for this grid's end.
+                cute.arch.griddepcontrol_launch_dependents()
             cute.arch.cp_async_wait_group(0)
             if pending_a:
                 self.consume(state, state.v_a, state.p_a, alpha_a)
@@ -400,37 +407,94 @@ def _kernel_module():
                     mLsePart[split, token, head] = lse
 
     class BlasstCombine:
-        """Merge split partials: one CTA of ``head_dim`` threads per (token, query head)."""
+        """Merge split partials: one CTA of ``COMBINE_THREADS`` per (token, query head).
 
-        def __init__(self, head_dim, dtype):
+        The merge is latency-bound (a few KB per CTA), so it is laid out to pay few
+        memory round trips: every split's LSE is read at once (one per thread) and
+        turned into a weight in shared memory; then the threads form groups of
+        ``head_dim / 4`` lanes (16 bytes of the row each), group ``g`` summing splits
+        ``g, g + groups, ...``, and the groups' sums are added in shared memory in a
+        fixed order (deterministic). Launched with programmatic dependent launch: it
+        is scheduled while the decode grid finishes and waits for it with
+        ``griddepcontrol.wait`` before reading a partial.
+        """
+
+        def __init__(self, head_dim, dtype, use_pdl):
             self.d = head_dim
             self.dtype = dtype
+            self.use_pdl = use_pdl
+            self.lanes_per_row = head_dim // 4
+            self.groups = COMBINE_THREADS // self.lanes_per_row
+            self.warps = COMBINE_THREADS // 32
 
         @cute.jit
         def __call__(self, mOPart, mLsePart, mOut, stream):
             self.kernel(mOPart, mLsePart, mOut).launch(
-                grid=[mOut.shape[0], mOut.shape[1], 1], block=[self.d, 1, 1], stream=stream
+                grid=[mOut.shape[0], mOut.shape[1], 1], block=[COMBINE_THREADS, 1, 1], stream=stream,
+                use_pdl=self.use_pdl,
             )
 
         @cute.kernel
         def kernel(self, mOPart, mLsePart, mOut):
-            dim, _, _ = cute.arch.thread_idx()
+            tid, _, _ = cute.arch.thread_idx()
             token, head, _ = cute.arch.block_idx()
+            warp, lane = tid // 32, tid % 32
             num_splits = mOPart.shape[0]
-            # Unrolled so that several splits' loads are in flight at once: a rolled loop
-            # pays one memory latency per split, which at ~75 splits rivals the decode.
-            m = Float32(NEG_INF)
-            for sp in cutlass.range(num_splits, unroll=8):
-                m = cute.arch.fmax(m, mLsePart[sp, token, head])
-            base = cutlass.select_(m == Float32(NEG_INF), Float32(0.0), m)
-            acc = Float32(0.0)
-            wsum = Float32(0.0)
-            for sp in cutlass.range(num_splits, unroll=8):
-                w = cute.math.exp2(mLsePart[sp, token, head] - base, fastmath=True)
-                wsum += w
-                acc += w * mOPart[sp, token, head, dim]
-            out = Float32(cutlass.select_(wsum > Float32(0.0), acc / wsum, Float32(0.0)))
-            mOut[token, head, dim] = out.to(self.dtype)
+            smem = cutlass.utils.SmemAllocator()
+            sWeight = smem.allocate_tensor(Float32, cute.make_layout(MAX_SPLITS), byte_alignment=16)
+            sMax = smem.allocate_tensor(Float32, cute.make_layout(self.warps), byte_alignment=16)
+            sSum = smem.allocate_tensor(Float32, cute.make_layout(self.warps), byte_alignment=16)
+            sPart = smem.allocate_tensor(Float32, cute.make_layout((self.d, self.groups)), byte_alignment=16)
+            if const_expr(self.use_pdl):
+                cute.arch.griddepcontrol_wait()
+
+            lse = Float32(NEG_INF)
+            if tid < num_splits:
+                lse = mLsePart[tid, token, head]
+            m = cute.arch.warp_reduction(lse, cute.arch.fmax)
+            if lane == 0:
+                sMax[warp] = m
+            cute.arch.barrier()
+            m = sMax[0]
+            for i in cutlass.range_constexpr(1, self.warps):
+                m = cute.arch.fmax(m, sMax[i])
+            base = Float32(cutlass.select_(m == Float32(NEG_INF), Float32(0.0), m))
+            w = cute.math.exp2(lse - base, fastmath=True)  # 0 for an empty split (LSE -inf)
+            sWeight[tid] = w
+            w = cute.arch.warp_reduction_sum(w)
+            if lane == 0:
+                sSum[warp] = w
+            cute.arch.barrier()
+            wsum = sSum[0]
+            for i in cutlass.range_constexpr(1, self.warps):
+                wsum += sSum[i]
+
+            group, piece = tid // self.lanes_per_row, tid % self.lanes_per_row
+            acc = cute.make_rmem_tensor((4,), Float32)
+            acc.fill(0.0)
+            # Rounds of COMBINE_LOADS predicated loads: all of a round's loads are in flight
+            # together (a runtime-count unrolled loop would leave a serial remainder).
+            frags = cute.make_rmem_tensor((4, COMBINE_LOADS), Float32)
+            for first in cutlass.range(group, num_splits, self.groups * COMBINE_LOADS, unroll=1):
+                frags.fill(0.0)
+                for j in cutlass.range_constexpr(COMBINE_LOADS):
+                    sp = first + j * self.groups
+                    if sp < num_splits:
+                        cute.autovec_copy(cute.zipped_divide(mOPart[sp, token, head, None], (4,))[None, piece],
+                                          frags[None, j])
+                for j in cutlass.range_constexpr(COMBINE_LOADS):
+                    sp = cutlass.min(first + j * self.groups, num_splits - 1)
+                    wt = Float32(cutlass.select_(first + j * self.groups < num_splits, sWeight[sp], Float32(0.0)))
+                    for e in cutlass.range_constexpr(4):
+                        acc[e] += wt * frags[e, j]
+            cute.autovec_copy(acc, cute.zipped_divide(sPart[None, group], (4,))[None, piece])
+            cute.arch.barrier()
+            if tid < self.d:
+                total = sPart[tid, 0]
+                for g in cutlass.range_constexpr(1, self.groups):
+                    total += sPart[tid, g]
+                out = Float32(cutlass.select_(wsum > Float32(0.0), total / wsum, Float32(0.0)))
+                mOut[token, head, tid] = out.to(self.dtype)
 
     return BlasstDecodeSm90, BlasstCombine
 
@@ -507,18 +571,21 @@ def compile_blasst_decode(
     return compiled
 
 
-def compile_blasst_combine(*, head_dim: int, dtype: torch.dtype):
+def compile_blasst_combine(*, head_dim: int, dtype: torch.dtype, use_pdl: bool = True):
+    """Compile (once per variant and target arch) the split merge; ``use_pdl``: launched
+    as a programmatic dependent of the decode kernel (see ``BlasstCombine``)."""
     import cutlass
     import cutlass.cute as cute
     from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream, make_fake_tensor
 
-    key = ("combine", head_dim, dtype, target_arch())
+    key = ("combine", head_dim, dtype, use_pdl, target_arch())
     if key in _COMPILED:
         return _COMPILED[key]
     _, combine_cls = _kernel_module()
-    op = combine_cls(head_dim, _cute_dtype(dtype))
+    op = combine_cls(head_dim, _cute_dtype(dtype), use_pdl)
     tokens, hq, splits = cute.sym_int(), cute.sym_int(), cute.sym_int()
-    o_part = make_fake_compact_tensor(cutlass.Float32, (splits, tokens, hq, head_dim), stride_order=(3, 2, 1, 0))
+    o_part = make_fake_compact_tensor(cutlass.Float32, (splits, tokens, hq, head_dim), stride_order=(3, 2, 1, 0),
+                                      assumed_align=16)
     lse_part = make_fake_compact_tensor(cutlass.Float32, (splits, tokens, hq), stride_order=(2, 1, 0))
     out = make_fake_tensor(_cute_dtype(dtype), (tokens, hq, head_dim), stride=(cute.sym_int(), cute.sym_int(), 1))
     stream = make_fake_stream(use_tvm_ffi_env_stream=True)
@@ -553,7 +620,6 @@ WAVES_LARGE_BATCH = 5
 WAVES_SMALL_BATCH = 3
 MIN_TILES_PER_SPLIT = 32
 MIN_TILES_PER_SPLIT_ONE_WAVE = 16
-MAX_SPLITS = 256
 _SM_COUNT: dict[int, int] = {}
 
 
@@ -664,8 +730,8 @@ def blasst_decode(
         raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with a contiguous head dim")
     if num_splits is None:
         num_splits = num_splits_heuristic(batch, hkv, hq // hkv * next_n, max_seq_len or (1 << 17), q.device)
-    if num_splits < 1:
-        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    if not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
     final = num_splits == 1
     if workspace is None:
         workspace = decode_workspace(num_splits if not final else 1, tokens if not final else 1, hq if not final else 1, d, q.device)

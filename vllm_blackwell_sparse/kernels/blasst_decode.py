@@ -282,15 +282,24 @@ def _kernel_module():
             for h in cutlass.range_constexpr(2):
                 for i in cutlass.range_constexpr(self.k_loads):
                     cute.autovec_copy(state.sK[None, lane, h * self.k_loads + i, slot], state.kfrag[None, i, h])
+            # Two accumulators per 8-key half (even / odd k16 chunks), added at the end: four
+            # independent MMA chains instead of two halve the dependent-MMA latency of a tile,
+            # which is on the critical path of runs of skipped tiles.
             s = cute.make_rmem_tensor((2, 4, 1, 1), Float32)
             s.fill(0.0)
+            s_odd = cute.make_rmem_tensor((2, 4, 1, 1), Float32)
+            s_odd.fill(0.0)
             for h in cutlass.range_constexpr(2):
                 for c in cutlass.range_constexpr(self.k_chunks):
                     b = cute.make_rmem_tensor((4, 1, 1), self.dtype)
                     i, e = c // 2, 4 * (c % 2)
                     for j in cutlass.range_constexpr(4):
                         b[j, 0, 0] = state.kfrag[e + j, i, h]
-                    cute.gemm(state.atom, s[h, None, None, None], qa[c], b, s[h, None, None, None])
+                    acc = s if c % 2 == 0 else s_odd
+                    cute.gemm(state.atom, acc[h, None, None, None], qa[c], b, acc[h, None, None, None])
+            for h in cutlass.range_constexpr(2):
+                for j in cutlass.range_constexpr(2):
+                    s[h, j, 0, 0] = s[h, j, 0, 0] + s_odd[h, j, 0, 0]
 
             # Refill the slot just read with tile t + k_stages: the MMAs above have consumed
             # its registers. Then look up the page of the tile after it.

@@ -1,7 +1,6 @@
 """Where the BLASST decode call's time goes at small batch (H200): the decode kernel and
-the split merge timed apart, against the whole call and vLLM's FA3, plus a sweep of the
-split count -- all interleaved round by round on the same cache (GPU time,
-``bench.decode.interleaved_medians``).
+the split merge timed apart, against the whole call and vLLM's FA3, all interleaved round
+by round on the same cache (GPU time, ``bench.decode.interleaved_medians``).
 
 For each cell (d 128, bf16, ``workloads.peaked_decode_batch``, one factor calibrated to
 ~0.7 skipped tiles) it times:
@@ -12,14 +11,16 @@ For each cell (d 128, bf16, ``workloads.peaked_decode_batch``, one factor calibr
   the partials the decode left; without PDL, so it is the kernel's own time);
 * ``call_no_pdl``: the two kernels without programmatic dependent launch;
 * ``baseline_call`` / ``baseline_combine_only`` with ``--baseline-module PATH`` (another
-  copy of ``blasst_decode.py``, e.g. an older commit's);
-* ``call_splits_N`` for each ``--splits N``.
+  copy of ``blasst_decode.py``, e.g. an older commit's).
+
+(Other split counts are compared in ``decode_tuning.py``, which calibrates the factor per
+split count: at one factor, fewer splits skip more tiles.)
 
 It checks that every variant's output equals the baseline call's within bf16 rounding
 (the merge order differs) and writes JSON to ``--out``.
 
     cd benchmarks && python decode_fixed_cost.py --out $OUT/fixed_cost.json \\
-        --baseline-module /path/to/old/blasst_decode.py --splits 16 33 66
+        --baseline-module /path/to/old/blasst_decode.py
 """
 
 import argparse
@@ -30,6 +31,7 @@ import time
 import torch
 
 from vllm_blackwell_sparse import workloads
+from decode_variants import load_module
 from vllm_blackwell_sparse.bench.decode import calibrate_factors, interleaved_medians, vllm_fa_decode
 from vllm_blackwell_sparse.bench.topk import environment
 from vllm_blackwell_sparse.kernels import blasst_decode as bd
@@ -38,21 +40,11 @@ from vllm_blackwell_sparse.kernels import blasst_decode as bd
 CELLS = [(8, 8192, 32, 16), (8, 32768, 32, 16), (8, 65536, 32, 16), (8, 32768, 64, 64), (32, 32768, 32, 16)]
 
 
-def load_module(path: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("baseline_blasst_decode", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--cells", nargs="+", default=None, help="BATCHxCONTEXTxHQxPAGE (default: CELLS)")
     ap.add_argument("--baseline-module", default=None)
-    ap.add_argument("--splits", type=int, nargs="*", default=[])
     ap.add_argument("--sparsity", type=float, default=0.7)
     ap.add_argument("--rounds", type=int, default=21)
     ap.add_argument("--warmup", type=int, default=3)
@@ -67,15 +59,14 @@ def main():
         q, kc, vc, table, lens = (w[k] for k in ("q", "k_cache", "v_cache", "block_table", "seq_lens"))
         scale = d ** -0.5
         splits = bd.num_splits_heuristic(batch, hkv, hq // hkv, ctx, q.device)
-        max_splits = max([splits, *a.splits])
-        ws = bd.decode_workspace(max_splits, batch, hq, d, q.device)
+        ws = bd.decode_workspace(splits, batch, hq, d, q.device)
         counts = torch.zeros(batch, 2, dtype=torch.int32, device="cuda")
 
-        def call(factor, n=splits, out=None, mod=bd, count=False):
+        def call(factor, out=None, mod=bd, count=False):
             if count:
                 counts.zero_()
             return mod.blasst_decode(q, kc, vc, table, lens, softmax_scale=scale, threshold_scale_factor=factor,
-                                     num_splits=n, out=out, workspace=ws, skip_counts=counts if count else None)
+                                     num_splits=splits, out=out, workspace=ws, skip_counts=counts if count else None)
 
         factors = calibrate_factors(lambda f: call(f, count=True), counts, [a.sparsity], float(ctx))
         if not factors:
@@ -86,7 +77,7 @@ def main():
                                           has_threshold=True, count_skips=False, final_output=False)
         combine_pdl = bd.compile_blasst_combine(head_dim=d, dtype=q.dtype, use_pdl=True)
         combine_plain = bd.compile_blasst_combine(head_dim=d, dtype=q.dtype, use_pdl=False)
-        o_part, lse_part = ws[0][:splits], ws[1][:splits]
+        o_part, lse_part = ws
         outs = {}
 
         def out_of(name):
@@ -107,8 +98,6 @@ def main():
             base_combine = base.compile_blasst_combine(head_dim=d, dtype=q.dtype)
             fns["baseline_call"] = lambda: call(factor, out=out_of("baseline_call"), mod=base)
             fns["baseline_combine_only"] = lambda: base_combine(o_part, lse_part, out_of("baseline_combine_only"))
-        for n in a.splits:
-            fns[f"call_splits_{n}"] = (lambda n=n: call(factor, n=n, out=out_of(f"call_splits_{n}")))
         # Outputs first (each callable once, fresh partials for the merge-only ones), then times.
         checks = {}
         fns["fa3"]()

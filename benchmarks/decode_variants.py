@@ -6,8 +6,9 @@ round by round on the same cache, so drift hits all alike -- vLLM's FA3 and ever
 variant dense and at the factors calibrated to ~0.7 / 0.9 skipped tiles. All variants
 use the same split count, so they take the same skip decisions; variants that accumulate
 in the same order give bit-identical outputs, and the script reports, per variant,
-whether its output equals the first variant's. ``--baseline-module PATH`` adds another copy of the kernel module (e.g. an
-older commit's ``blasst_decode.py``) as variant ``baseline``. Writes JSON to ``--out``.
+whether its output equals the first variant's. ``--module NAME=PATH`` (repeatable) adds another copy of the kernel
+module (e.g. an older commit's ``blasst_decode.py``, or an edited one) as variant ``NAME``, run with the default
+ring depth and warps; ``--baseline-module PATH`` is ``--module baseline=PATH``. Writes JSON to ``--out``.
 
     cd benchmarks && python decode_variants.py --out $OUT/decode_variants.json \\
         --variants k2:w8 k3:w8 --baseline-module /path/to/other/blasst_decode.py
@@ -39,8 +40,9 @@ def parse_variant(spec: str) -> dict:
     return {"k_stages": int(m[1]), "min_warps_per_sm": int(m[2])}
 
 
-def load_module(path: str):
-    spec = importlib.util.spec_from_file_location("baseline_blasst_decode", path)
+def load_module(path: str, name: str = "baseline"):
+    """Import a copy of ``blasst_decode.py`` from ``path`` (its own compile cache)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_blasst_decode", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -50,17 +52,21 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--cells", nargs="+", default=None, help="BATCHxCONTEXTxHQxPAGE (default: CELLS)")
-    ap.add_argument("--variants", nargs="+", default=["k2:w8", "k3:w8"])
+    ap.add_argument("--variants", nargs="*", default=["k2:w8", "k3:w8"])
     ap.add_argument("--baseline-module", default=None)
+    ap.add_argument("--module", action="append", default=[], metavar="NAME=PATH")
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.7, 0.9])
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
     a = ap.parse_args()
     cells = [tuple(int(x) for x in c.split("x")) for c in a.cells] if a.cells else CELLS
     variants = {}
-    if a.baseline_module:
-        base = load_module(a.baseline_module)
-        variants["baseline"] = (base, {})
+    modules = [f"baseline={a.baseline_module}"] * bool(a.baseline_module) + a.module
+    for spec in modules:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--module: expected NAME=PATH, got {spec!r}")
+        variants[name] = (load_module(path, name), {})
     for spec in a.variants:
         variants[spec] = (bd, parse_variant(spec))
     hkv, d = 8, 128

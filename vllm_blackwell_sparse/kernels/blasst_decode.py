@@ -625,6 +625,11 @@ def _check_static(head_dim, group, next_n, block_size, dtype):
 #   keep more tiles than others), 3 below that (B = 8: 5 waves means ~25-tile splits,
 #   whose fixed per-warp cost -- prologue, partial write, merge -- cost 3-5%); and no
 #   split shorter than 32 tiles (512 keys).
+# Re-measured on GPU time with the one-round merge (2026-12-01, factor calibrated per split
+# count): B = 8 x 32K at s 0.7 took 186 / 182 / 184 / 187 us with 1 / 2 / 3 / 5 waves, and
+# B = 32 / 64 were fastest with 5; the rules stand. What the rules cannot fix: at B = 8 the
+# last wave's splits differ in kept tiles, so ~12% of the warp slots idle while the slowest
+# finish (benchmarks/decode_timeline.py).
 WAVES_LARGE_BATCH = 5
 WAVES_SMALL_BATCH = 3
 MIN_TILES_PER_SPLIT = 32

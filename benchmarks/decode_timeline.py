@@ -1,0 +1,182 @@
+"""Per-CTA timeline of the BLASST decode kernel (H200): how much of a call is the warps'
+work and how much is waiting for the slowest CTAs of the last wave.
+
+It builds an instrumented copy of ``kernels/blasst_decode.py`` in a temporary directory
+(the committed kernel is not changed): the source with timer reads inserted at four
+anchors, written through the kernel's ``decisions`` output instead of skip decisions.
+For every CTA (one warp: one split of one (request, KV head)) it records the SM, the
+global nanosecond timer at entry and exit, the SM clock at entry / once the first K tile
+has arrived / after the main loop / after the partial store, and the number of kept
+tiles. Per cell (``workloads.peaked_decode_batch``, d 128, bf16; dense and at a factor
+calibrated to ``--sparsity``) it reports:
+
+* ``span_us``: first entry to last exit;
+* ``work_us``: the CTAs' summed durations over the resident warp slots (8 per SM) --
+  the span with no idle slot; ``busy`` = work / span;
+* ``tail_us``: from the last moment 90% of the slots were busy to the end;
+* medians of the prologue (entry to first K tile), loop and epilogue, in µs;
+* a least-squares fit of CTA duration = a + b * kept tiles.
+
+    python benchmarks/decode_timeline.py --out $OUT/decode_timeline.json --cells 8x32768x32x16 --splits 16 49
+"""
+
+import argparse
+import importlib.util
+import json
+import pathlib
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+from vllm_blackwell_sparse import workloads
+from vllm_blackwell_sparse.bench.decode import calibrate_factors
+from vllm_blackwell_sparse.bench.topk import environment
+from vllm_blackwell_sparse.kernels import blasst_decode as bd
+
+STAMPS = 8  # int32 per CTA: gt_entry, smid, clk_entry, clk_first_k, clk_loop_end, clk_stored, kept, gt_exit
+RESIDENT_SLOTS_PER_SM = bd.RESIDENT_WARPS_PER_SM
+
+# (anchor in the kernel source, text inserted after it); each anchor must occur once.
+_INSERTS = [
+    ("            split, head_tile, req = cute.arch.block_idx()\n",
+     "            tl_gt0 = cute.arch.globaltimer_lo()\n            tl_c0 = cute.arch.clock()\n"),
+    ("            m_run = Float32(NEG_INF)\n            l_run = Float32(0.0)\n",
+     "            cute.arch.cp_async_wait_group(self.k_stages - 1)\n            tl_c1 = cute.arch.clock()\n"),
+    ("            cute.arch.cp_async_wait_group(0)\n            if pending_a:\n", None),  # c2 goes before this one
+    ("                self.store_row(mOut, mOPart, mLsePart, state.o, l_sum, m_run, split, token, head, quad)\n",
+     "            if const_expr(self.record_decisions):\n"
+     "                tl_c3 = cute.arch.clock()\n"
+     "                tl_gt1 = cute.arch.globaltimer_lo()\n"
+     "                if lane == 0:\n"
+     "                    tl = split * 8\n"
+     "                    mDecisions[req, head_tile, tl] = tl_gt0\n"
+     "                    mDecisions[req, head_tile, tl + 1] = cute.arch.smid()\n"
+     "                    mDecisions[req, head_tile, tl + 2] = tl_c0\n"
+     "                    mDecisions[req, head_tile, tl + 3] = tl_c1\n"
+     "                    mDecisions[req, head_tile, tl + 4] = tl_c2\n"
+     "                    mDecisions[req, head_tile, tl + 5] = tl_c3\n"
+     "                    mDecisions[req, head_tile, tl + 6] = n_eligible - n_skipped\n"
+     "                    mDecisions[req, head_tile, tl + 7] = tl_gt1\n"),
+]
+# The skip-decision writes are removed: the timeline reuses their output tensor.
+_DECISION_WRITE = (
+    "                    if const_expr(self.record_decisions):\n"
+    "                        if lane == 0:\n"
+    "                            mDecisions[req, head_tile, t] = Int32(cutlass.select_(keep, 1, 2))\n"
+)
+
+
+def instrumented_module():
+    """Import the timeline copy of the decode kernel module (see the module docstring)."""
+    src = pathlib.Path(bd.__file__).read_text()
+    for anchor, text in _INSERTS + [(_DECISION_WRITE, "")]:
+        if src.count(anchor) != 1:
+            raise SystemExit(f"decode_timeline: anchor not found once in {bd.__file__}:\n{anchor}"
+                             "(the kernel changed: update _INSERTS)")
+    for anchor, text in _INSERTS:
+        if text is None:
+            src = src.replace(anchor, "            tl_c2 = cute.arch.clock()\n" + anchor)
+        else:
+            src = src.replace(anchor, anchor + text)
+    src = src.replace(_DECISION_WRITE, "")
+    path = pathlib.Path(tempfile.mkdtemp()) / "blasst_decode_timeline.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("blasst_decode_timeline", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def summarize(stamps: np.ndarray, slots: int) -> dict:
+    """Summary of one timeline (``[CTAs, STAMPS]`` int64, see the module docstring)."""
+    u32 = 1 << 32
+    gt0, gt1 = stamps[:, 0] % u32, stamps[:, 7] % u32
+    gt1 = gt0 + (gt1 - gt0) % u32
+    start, end = (gt0 - gt0.min()) / 1e3, (gt1 - gt0.min()) / 1e3  # µs from the first entry
+    dur = end - start
+    clk = [stamps[:, i] % u32 for i in (2, 3, 4, 5)]
+    cycles = (clk[3] - clk[0]) % u32
+    long = dur > 5
+    ghz = float(np.median(cycles[long] / (dur[long] * 1e3))) if long.any() else float("nan")
+
+    def phase(a, b):
+        return (clk[b] - clk[a]) % u32 / (ghz * 1e3)
+
+    span = float(end.max())
+    work = float(dur.sum() / slots)
+    grid = np.linspace(0, span, 500)
+    live = np.array([np.count_nonzero((start <= x) & (end > x)) for x in grid])
+    full = min(slots, len(dur))
+    busy_until = grid[live >= 0.9 * full]
+    kept = stamps[:, 6].astype(float)
+    fit = np.linalg.lstsq(np.vstack([np.ones_like(kept), kept]).T, dur, rcond=None)[0] if kept.any() else [dur.mean(), 0.0]
+    return {
+        "ctas": int(len(dur)), "sm_clock_ghz": ghz, "span_us": span, "work_us": work, "busy": work / span,
+        "tail_us": float(span - busy_until.max()) if len(busy_until) else span,
+        "prologue_us_median": float(np.median(phase(0, 1))), "loop_us_median": float(np.median(phase(1, 2))),
+        "loop_us_min": float(phase(1, 2).min()), "loop_us_max": float(phase(1, 2).max()),
+        "epilogue_us_median": float(np.median(phase(2, 3))),
+        "kept_tiles_median": float(np.median(kept)), "kept_tiles_max": int(kept.max()),
+        "duration_fit_us": {"per_cta": float(fit[0]), "per_kept_tile": float(fit[1])},
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--cells", nargs="+", default=["8x32768x32x16"], help="BATCHxCONTEXTxHQxPAGE")
+    ap.add_argument("--splits", type=int, nargs="*", default=[], help="split counts besides the heuristic's")
+    ap.add_argument("--sparsity", type=float, default=0.7)
+    ap.add_argument("--raw", action="store_true", help="also write every CTA's stamps")
+    a = ap.parse_args()
+    tl_mod = instrumented_module()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    hkv, d = 8, 128
+    res = {"environment": environment(), "args": vars(a), "runs": []}
+    for cell in a.cells:
+        batch, ctx, hq, page = (int(x) for x in cell.split("x"))
+        w = workloads.peaked_decode_batch(batch, ctx, hq, hkv, d, page, device="cuda")
+        q, kc, vc, table, lens = (w[k] for k in ("q", "k_cache", "v_cache", "block_table", "seq_lens"))
+        counts = torch.zeros(batch, 2, dtype=torch.int32, device="cuda")
+        heuristic = bd.num_splits_heuristic(batch, hkv, hq // hkv, ctx, q.device)
+        for splits in sorted({heuristic, *a.splits}):
+            ws = bd.decode_workspace(splits, batch, hq, d, q.device)
+
+            def call(factor, mod=bd, **kw):
+                return mod.blasst_decode(q, kc, vc, table, lens, softmax_scale=d ** -0.5, threshold_scale_factor=factor,
+                                         num_splits=splits, workspace=ws, **kw)
+
+            def counting(factor):
+                counts.zero_()
+                call(factor, skip_counts=counts)
+
+            found = calibrate_factors(counting, counts, [a.sparsity], float(ctx))
+            # "dense": a factor so small that nothing is skipped, so the same instrumented
+            # variant (threshold compiled in) runs.
+            for label, factor in [("dense", 1e-30)] + [(f"s{t}", f) for t, (f, _) in found.items()]:
+                stamps = torch.zeros(batch, hkv * -(-hq // hkv // bd.Q_TILE_ROWS), splits * STAMPS,
+                                     dtype=torch.int32, device="cuda")
+                for _ in range(5):  # the last call's stamps are kept
+                    call(factor, mod=tl_mod, decisions=stamps)
+                torch.cuda.synchronize()
+                rows = stamps.view(-1, splits, STAMPS).reshape(-1, STAMPS).cpu().numpy().astype(np.int64)
+                run = {"batch": batch, "context": ctx, "num_q_heads": hq, "page": page, "splits": splits,
+                       "label": label, "factor": factor, **summarize(rows, sms * RESIDENT_SLOTS_PER_SM)}
+                if a.raw:
+                    run["stamps"] = rows.tolist()
+                res["runs"].append(run)
+                print(f"B{batch} {ctx // 1024}K {hq}/{hkv} p{page} S{splits} {label}: span {run['span_us']:.1f} us, "
+                      f"work {run['work_us']:.1f} (busy {run['busy']:.3f}), tail {run['tail_us']:.1f}, prologue "
+                      f"{run['prologue_us_median']:.2f}, loop {run['loop_us_min']:.1f}..{run['loop_us_max']:.1f}, "
+                      f"kept median {run['kept_tiles_median']:.0f} max {run['kept_tiles_max']}", flush=True)
+                with open(a.out, "w") as fh:
+                    json.dump(res, fh, indent=1)
+        w = q = kc = vc = ws = None
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -30,8 +30,7 @@ import time
 
 import torch
 
-from vllm_blackwell_sparse import workloads
-from decode_variants import load_module
+from decode_variants import cell_inputs, load_module
 from vllm_blackwell_sparse.bench.decode import calibrate_factors, interleaved_medians, vllm_fa_decode
 from vllm_blackwell_sparse.bench.topk import environment
 from vllm_blackwell_sparse.kernels import blasst_decode as bd
@@ -55,12 +54,7 @@ def main():
     res = {"environment": environment(), "args": vars(a), "cells": []}
     for batch, ctx, hq, page in cells:
         t0 = time.time()
-        w = workloads.peaked_decode_batch(batch, ctx, hq, hkv, d, page, device="cuda")
-        q, kc, vc, table, lens = (w[k] for k in ("q", "k_cache", "v_cache", "block_table", "seq_lens"))
-        scale = d ** -0.5
-        splits = bd.num_splits_heuristic(batch, hkv, hq // hkv, ctx, q.device)
-        ws = bd.decode_workspace(splits, batch, hq, d, q.device)
-        counts = torch.zeros(batch, 2, dtype=torch.int32, device="cuda")
+        w, q, kc, vc, table, lens, scale, splits, ws, counts = cell_inputs(batch, ctx, hq, page, hkv, d)
 
         def call(factor, out=None, mod=bd, count=False):
             if count:

@@ -48,6 +48,18 @@ def load_module(path: str, name: str = "baseline"):
     return mod
 
 
+def cell_inputs(batch: int, ctx: int, hq: int, page: int, hkv: int = 8, d: int = 128):
+    """One cell's ``workloads.peaked_decode_batch`` (d 128, bf16) with what every decode
+    script times it with: the workload dict, its q / caches / block table / lengths, the
+    softmax scale, the heuristic split count, a workspace for it and zeroed skip counters."""
+    w = workloads.peaked_decode_batch(batch, ctx, hq, hkv, d, page, device="cuda")
+    q, kc, vc, table, lens = (w[k] for k in ("q", "k_cache", "v_cache", "block_table", "seq_lens"))
+    splits = bd.num_splits_heuristic(batch, hkv, hq // hkv, ctx, q.device)
+    ws = bd.decode_workspace(splits, batch, hq, d, q.device)
+    counts = torch.zeros(batch, 2, dtype=torch.int32, device="cuda")
+    return w, q, kc, vc, table, lens, d ** -0.5, splits, ws, counts
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -73,12 +85,7 @@ def main():
     res = {"environment": environment(), "args": vars(a), "cells": []}
     for batch, ctx, hq, page in cells:
         t0 = time.time()
-        w = workloads.peaked_decode_batch(batch, ctx, hq, hkv, d, page, device="cuda")
-        q, kc, vc, table, lens = (w[k] for k in ("q", "k_cache", "v_cache", "block_table", "seq_lens"))
-        scale = d ** -0.5
-        splits = bd.num_splits_heuristic(batch, hkv, hq // hkv, ctx, q.device)
-        ws = bd.decode_workspace(splits, batch, hq, d, q.device)
-        counts = torch.zeros(batch, 2, dtype=torch.int32, device="cuda")
+        w, q, kc, vc, table, lens, scale, splits, ws, counts = cell_inputs(batch, ctx, hq, page, hkv, d)
         outs = {name: torch.empty_like(q) for name in variants}
 
         def run(name, factor, count=False):

@@ -16,8 +16,9 @@ For each cell (d 128, bf16, ``workloads.peaked_decode_batch``, one factor calibr
 (Other split counts are compared in ``decode_tuning.py``, which calibrates the factor per
 split count: at one factor, fewer splits skip more tiles.)
 
-It checks that every variant's output equals the baseline call's within bf16 rounding
-(the merge order differs) and writes JSON to ``--out``.
+It records each variant's largest output difference from the baseline call (bf16
+rounding is expected: the merge order differs; nothing fails on it) and writes JSON to
+``--out``.
 
     cd benchmarks && python decode_fixed_cost.py --out $OUT/fixed_cost.json \\
         --baseline-module /path/to/old/blasst_decode.py

@@ -7,7 +7,7 @@ anchors, written through the kernel's ``decisions`` output instead of skip decis
 For every CTA (one warp: one split of one (request, KV head)) it records the SM, the
 global nanosecond timer at entry and exit, the SM clock at entry / once the first K tile
 has arrived / after the main loop / after the partial store, and the number of kept
-tiles. Per cell (``workloads.peaked_decode_batch``, d 128, bf16; dense and at a factor
+eligible tiles (a split's first tile, always kept, is not eligible and not counted). Per cell (``workloads.peaked_decode_batch``, d 128, bf16; dense and at a factor
 calibrated to ``--sparsity``) it reports:
 
 * ``span_us``: first entry to last exit;
@@ -15,7 +15,7 @@ calibrated to ``--sparsity``) it reports:
   the span with no idle slot; ``busy`` = work / span;
 * ``tail_us``: from the last moment 90% of the slots were busy to the end;
 * medians of the prologue (entry to first K tile), loop and epilogue, in µs;
-* a least-squares fit of CTA duration = a + b * kept tiles.
+* a least-squares fit of CTA duration = a + b * kept eligible tiles.
 
     python benchmarks/decode_timeline.py --out $OUT/decode_timeline.json --cells 8x32768x32x16 --splits 16 49
 """
@@ -93,6 +93,9 @@ def summarize(stamps: np.ndarray, slots: int) -> dict:
     """Summary of one timeline (``[CTAs, STAMPS]`` int64, see the module docstring)."""
     u32 = 1 << 32
     gt0, gt1 = stamps[:, 0] % u32, stamps[:, 7] % u32
+    # The stamps are the timer's low 32 bits (ns, wrapping every 4.3 s): unwrap around the
+    # first CTA's entry, then each exit after its own entry.
+    gt0 = gt0[0] + (gt0 - gt0[0] + u32 // 2) % u32 - u32 // 2
     gt1 = gt0 + (gt1 - gt0) % u32
     start, end = (gt0 - gt0.min()) / 1e3, (gt1 - gt0.min()) / 1e3  # µs from the first entry
     dur = end - start

@@ -78,9 +78,15 @@ def main():
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise SystemExit(f"--module: expected NAME=PATH, got {spec!r}")
+        if name in variants:
+            raise SystemExit(f"--module: variant name {name!r} given twice")
         variants[name] = (load_module(path, name), {})
     for spec in a.variants:
+        if spec in variants:
+            raise SystemExit(f"--variants: {spec!r} given twice")
         variants[spec] = (bd, parse_variant(spec))
+    if not variants:
+        raise SystemExit("nothing to time: give --variants and/or --module / --baseline-module")
     hkv, d = 8, 128
     res = {"environment": environment(), "args": vars(a), "cells": []}
     for batch, ctx, hq, page in cells:

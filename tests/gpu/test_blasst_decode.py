@@ -119,15 +119,17 @@ def test_fuzz_every_supported_shape():
     print(f"fuzz: {total_amb} decisions within {AMBIGUOUS_MARGIN} of the threshold (not compared)")
 
 
-def test_factor_unset_equals_dense():
-    case = wl.peaked_attention_case([777, 4096, 15], [1, 1, 1], 32, 8, 128, 16, device=DEV,
+@pytest.mark.parametrize("d", [64, 128])
+def test_factor_unset_equals_dense(d):
+    case = wl.peaked_attention_case([777, 4096, 15], [1, 1, 1], 32, 8, d, 16, device=DEV,
                                     params=wl.PeakedAttentionParams(seed=random.randrange(1 << 30)))
     args = [case[n] for n in wl.CASE_TENSORS]
     dense = paged_attention_dense(*args)
-    # MAX_SPLITS: every combine thread reads an LSE, and most splits of the short requests are empty.
+    # MAX_SPLITS: every combine thread reads an LSE, most splits of the short requests are
+    # empty, and (d 64: 16 groups of 16 threads) each group needs two rounds of loads.
     for splits in (1, 4, 33, bd.MAX_SPLITS):
         out = bd.blasst_decode(case["q"], case["k_cache"], case["v_cache"], case["block_table"], case["seq_lens"],
-                               softmax_scale=128 ** -0.5, num_splits=splits)
+                               softmax_scale=d ** -0.5, num_splits=splits)
         assert (out.float() - dense).abs().max().item() < 1e-2
 
 
@@ -181,11 +183,16 @@ def test_bad_input_is_refused(mutate, fragment):
         bd.blasst_decode(a["q"], a["k_cache"], a["v_cache"], a["block_table"], a["seq_lens"], softmax_scale=0.1)
 
 
-def test_too_many_splits_is_refused():
+def test_too_many_splits_and_bad_workspace_are_refused():
     case = wl.peaked_attention_case([100, 200], [1, 1], 32, 8, 128, 16, device=DEV)
+    a = [case[n] for n in ("q", "k_cache", "v_cache", "block_table", "seq_lens")]
     with pytest.raises(ValueError, match="num_splits must be in"):
-        bd.blasst_decode(case["q"], case["k_cache"], case["v_cache"], case["block_table"], case["seq_lens"],
-                         softmax_scale=0.1, num_splits=bd.MAX_SPLITS + 1)
+        bd.blasst_decode(*a, softmax_scale=0.1, num_splits=bd.MAX_SPLITS + 1)
+    o_part, lse_part = bd.decode_workspace(4, 2, 32, 128, DEV)
+    for ws in ((o_part, lse_part[:, :1]), (o_part.transpose(1, 2).contiguous().transpose(1, 2), lse_part),
+               (o_part.half(), lse_part)):
+        with pytest.raises(ValueError, match="workspace must be"):
+            bd.blasst_decode(*a, softmax_scale=0.1, num_splits=4, workspace=ws)
 
 
 def test_combine_with_and_without_pdl_agree():

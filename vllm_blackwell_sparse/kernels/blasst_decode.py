@@ -88,7 +88,7 @@ def _kernel_module():
         return x + cute.arch.shuffle_sync_bfly(x, offset=2)
 
     class BlasstDecodeSm90:
-        """One warp per (split, KV head x 16-row tile, request); see the module docstring.
+        """One warp per (split, KV head x 8-row tile, request); see the module docstring.
 
         Compile-time: head dim, GQA group size, query tokens per request, page size,
         dtype, whether a threshold is compiled in, whether skip counters are written,
@@ -582,7 +582,9 @@ def compile_blasst_decode(
 
 def compile_blasst_combine(*, head_dim: int, dtype: torch.dtype, use_pdl: bool = True):
     """Compile (once per variant and target arch) the split merge; ``use_pdl``: launched
-    as a programmatic dependent of the decode kernel (see ``BlasstCombine``)."""
+    as a programmatic dependent of the decode kernel (see ``BlasstCombine``). The kernel
+    takes at most ``MAX_SPLITS`` splits (one LSE per thread); :func:`blasst_decode` checks
+    that, a direct caller must."""
     import cutlass
     import cutlass.cute as cute
     from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream, make_fake_tensor
@@ -710,7 +712,7 @@ def blasst_decode(
             eligible) tile counts to it (zero it first).
         decisions: int32 ``[B, Hkv * row_tiles, max_tiles]`` (tests): for every eligible
             tile the kernel writes 1 (kept) or 2 (skipped) at its tile index; other
-            entries are left as they are. ``row_tiles = ceil(next_n * Hq / Hkv / 16)``.
+            entries are left as they are. ``row_tiles = ceil(next_n * Hq / Hkv / 8)``.
     """
     if q.dim() != 3 or k_cache.dim() != 4 or v_cache.dim() != 4:
         raise ValueError("q must be [tokens, Hq, D] and the caches [num_blocks, block_size, Hkv, D]")
@@ -750,8 +752,12 @@ def blasst_decode(
     if workspace is None:
         workspace = decode_workspace(num_splits if not final else 1, tokens if not final else 1, hq if not final else 1, d, q.device)
     o_part, lse_part = workspace
-    if not final and (o_part.shape[0] < num_splits or o_part.shape[1:] != (tokens, hq, d) or lse_part.shape[:1] != o_part.shape[:1]):
-        raise ValueError(f"workspace must hold [>= {num_splits}, {tokens}, {hq}, {d}] partials (decode_workspace)")
+    if not final and (o_part.shape[0] < num_splits or o_part.shape[1:] != (tokens, hq, d)
+                      or lse_part.shape != o_part.shape[:3] or o_part.dtype != torch.float32
+                      or lse_part.dtype != torch.float32 or not o_part.is_contiguous()
+                      or not lse_part.is_contiguous() or o_part.data_ptr() % 16):
+        raise ValueError(f"workspace must be contiguous fp32 partials [>= {num_splits}, {tokens}, {hq}, {d}] and LSEs "
+                         f"[>= {num_splits}, {tokens}, {hq}], 16-byte aligned (decode_workspace)")
     if skip_counts is not None and (skip_counts.shape != (batch, 2) or skip_counts.dtype != torch.int32
                                     or not skip_counts.is_contiguous()):
         raise ValueError(f"skip_counts must be contiguous int32 [B={batch}, 2]")

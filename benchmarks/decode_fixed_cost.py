@@ -70,7 +70,6 @@ def main():
         factor, sparsity = factors[a.sparsity]
         decode = bd.compile_blasst_decode(head_dim=d, group=hq // hkv, next_n=1, block_size=page, dtype=q.dtype,
                                           has_threshold=True, count_skips=False, final_output=False)
-        combine_pdl = bd.compile_blasst_combine(head_dim=d, dtype=q.dtype, use_pdl=True)
         combine_plain = bd.compile_blasst_combine(head_dim=d, dtype=q.dtype, use_pdl=False)
         o_part, lse_part = ws
         outs = {}

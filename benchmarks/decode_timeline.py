@@ -7,8 +7,9 @@ anchors, written through the kernel's ``decisions`` output instead of skip decis
 For every CTA (one warp: one split of one (request, KV head)) it records the SM, the
 global nanosecond timer at entry and exit, the SM clock at entry / once the first K tile
 has arrived / after the main loop / after the partial store, and the number of kept
-eligible tiles (a split's first tile, always kept, is not eligible and not counted). Per cell (``workloads.peaked_decode_batch``, d 128, bf16; dense and at a factor
-calibrated to ``--sparsity``) it reports:
+eligible tiles (a split's first tile, always kept, is not eligible and not counted). Per
+cell (``workloads.peaked_decode_batch``, d 128, bf16; dense and at a factor calibrated
+to ``--sparsity``) it reports:
 
 * ``span_us``: first entry to last exit;
 * ``work_us``: the CTAs' summed durations over the resident warp slots (8 per SM) --

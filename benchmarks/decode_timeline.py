@@ -31,7 +31,7 @@ import tempfile
 import numpy as np
 import torch
 
-from vllm_blackwell_sparse import workloads
+from decode_variants import cell_inputs
 from vllm_blackwell_sparse.bench.decode import calibrate_factors
 from vllm_blackwell_sparse.bench.topk import environment
 from vllm_blackwell_sparse.kernels import blasst_decode as bd
@@ -141,15 +141,12 @@ def main():
     res = {"environment": environment(), "args": vars(a), "runs": []}
     for cell in a.cells:
         batch, ctx, hq, page = (int(x) for x in cell.split("x"))
-        w = workloads.peaked_decode_batch(batch, ctx, hq, hkv, d, page, device="cuda")
-        q, kc, vc, table, lens = (w[k] for k in ("q", "k_cache", "v_cache", "block_table", "seq_lens"))
-        counts = torch.zeros(batch, 2, dtype=torch.int32, device="cuda")
-        heuristic = bd.num_splits_heuristic(batch, hkv, hq // hkv, ctx, q.device)
+        w, q, kc, vc, table, lens, scale, heuristic, heuristic_ws, counts = cell_inputs(batch, ctx, hq, page, hkv, d)
         for splits in sorted({heuristic, *a.splits}):
-            ws = bd.decode_workspace(splits, batch, hq, d, q.device)
+            ws = heuristic_ws if splits == heuristic else bd.decode_workspace(splits, batch, hq, d, q.device)
 
             def call(factor, mod=bd, **kw):
-                return mod.blasst_decode(q, kc, vc, table, lens, softmax_scale=d ** -0.5, threshold_scale_factor=factor,
+                return mod.blasst_decode(q, kc, vc, table, lens, softmax_scale=scale, threshold_scale_factor=factor,
                                          num_splits=splits, workspace=ws, **kw)
 
             def counting(factor):
@@ -177,7 +174,7 @@ def main():
                       f"kept median {run['kept_tiles_median']:.0f} max {run['kept_tiles_max']}", flush=True)
                 with open(a.out, "w") as fh:
                     json.dump(res, fh, indent=1)
-        w = q = kc = vc = ws = None
+        w = q = kc = vc = ws = heuristic_ws = None
         torch.cuda.empty_cache()
     return 0
 

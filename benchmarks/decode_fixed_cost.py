@@ -55,13 +55,14 @@ def main():
     res = {"environment": environment(), "args": vars(a), "cells": []}
     for batch, ctx, hq, page in cells:
         t0 = time.time()
-        w, q, kc, vc, table, lens, scale, splits, ws, counts = cell_inputs(batch, ctx, hq, page, hkv, d)
+        w, q, kc, vc, table, lens, scale, shape, ws, counts = cell_inputs(batch, ctx, hq, page, hkv, d)
 
         def call(factor, out=None, mod=bd, count=False):
             if count:
                 counts.zero_()
             return mod.blasst_decode(q, kc, vc, table, lens, softmax_scale=scale, threshold_scale_factor=factor,
-                                     num_splits=splits, out=out, workspace=ws, skip_counts=counts if count else None)
+                                     out=out, workspace=ws, skip_counts=counts if count else None,
+                                     **shape._asdict())
 
         factors = calibrate_factors(lambda f: call(f, count=True), counts, [a.sparsity], float(ctx))
         if not factors:
@@ -79,7 +80,7 @@ def main():
 
         def decode_only():
             decode(q, kc, vc, table, lens, out_of("decode_only"), o_part, lse_part, lens, lens.view(1, 1, -1),
-                   scale * bd.LOG2E, math.log2(factor), splits)
+                   scale * bd.LOG2E, math.log2(factor), *shape)
 
         fns = {
             "fa3": vllm_fa_decode(w, out_of("fa3"), 3, ctx),
@@ -109,9 +110,9 @@ def main():
                 checks[f"{name}_max_abs_diff_vs_{ref_name}"] = (outs[name].float() - ref).abs().max().item()
         times = interleaved_medians(fns, a.rounds, a.warmup)
         cell = {"batch": batch, "context": ctx, "num_q_heads": hq, "num_kv_heads": hkv, "page": page,
-                "splits": splits, "factor": factor, "sparsity": sparsity, "us": times, "checks": checks}
+                "splits": shape._asdict(), "factor": factor, "sparsity": sparsity, "us": times, "checks": checks}
         res["cells"].append(cell)
-        print(f"B{batch} {ctx // 1024}K {hq}/{hkv} p{page} splits {splits} s{sparsity:.3f} [{time.time() - t0:.0f}s]",
+        print(f"B{batch} {ctx // 1024}K {hq}/{hkv} p{page} {shape} s{sparsity:.3f} [{time.time() - t0:.0f}s]",
               flush=True)
         fa3 = times["fa3"]
         for name, t in times.items():

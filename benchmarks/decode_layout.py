@@ -48,8 +48,8 @@ def main():
         caches["HND"] = tuple(workloads.to_kv_layout(c, "HND") for c in caches["NHD"])
         q, table, lens = w["q"], w["block_table"], w["seq_lens"]
         scale = d ** -0.5
-        splits = bd.num_splits_heuristic(batch, hkv, hq // hkv, ctx, q.device)
-        ws = bd.decode_workspace(splits, batch, hq, d, q.device)
+        shape = bd.split_shape_heuristic(batch, hkv, hq // hkv, ctx, q.device)
+        ws = bd.decode_workspace(shape.num_splits, batch, hq, d, q.device)
         counts = torch.zeros(batch, 2, dtype=torch.int32, device="cuda")
         # Outputs allocated once, outside the timed calls.
         outs = {(name, lay): torch.empty_like(q) for name in ("ours", "fa3", "fa4") for lay in ("NHD", "HND")}
@@ -60,7 +60,7 @@ def main():
                 counts.zero_()
             o = outs[("ours", layout)]
             return bd.blasst_decode(q, kc, vc, table, lens, softmax_scale=scale, threshold_scale_factor=factor,
-                                    num_splits=splits, out=o, workspace=ws, skip_counts=counts if count else None,
+                                    out=o, workspace=ws, skip_counts=counts if count else None, **shape._asdict(),
                                     k_stages=ks)
 
         factors = calibrate_factors(lambda f: ours("NHD", f, 2, count=True), counts, a.sparsities, float(ctx))
@@ -98,12 +98,12 @@ def main():
             checks[f"ours_{sp}_vs_fa3_max_err"] = (got["NHD"] - ref).abs().max().item()
         times = interleaved_medians(fns, a.rounds, a.warmup)
         kv_bytes = batch * ctx * hkv * d * 2
-        cell = {"batch": batch, "context": ctx, "num_q_heads": hq, "num_kv_heads": hkv, "page": page, "splits": splits,
+        cell = {"batch": batch, "context": ctx, "num_q_heads": hq, "num_kv_heads": hkv, "page": page, "splits": shape._asdict(),
                 "factors": {str(k): {"factor": v[0], "sparsity": v[1]} for k, v in factors.items()},
                 "us": times, "errors": errors, "checks": checks, "kv_bytes_one_plane": kv_bytes}
         res["cells"].append(cell)
         best = {lay: min(times[k] for k in (f"fa3_{lay}", f"fa4_{lay}") if k in times) for lay in ("NHD", "HND")}
-        print(f"B{batch} {ctx // 1024}K {hq}/{hkv} p{page} splits {splits} [{time.time() - t0:.0f}s] errors {errors} checks "
+        print(f"B{batch} {ctx // 1024}K {hq}/{hkv} p{page} {shape} [{time.time() - t0:.0f}s] errors {errors} checks "
               + " ".join(f"{k}={v:.3g}" for k, v in checks.items()), flush=True)
         for lay in ("NHD", "HND"):
             line = f"  {lay}: fa3 {times.get(f'fa3_{lay}', float('nan')):.0f} fa4 {times.get(f'fa4_{lay}', float('nan')):.0f}"

@@ -41,7 +41,7 @@ RESIDENT_SLOTS_PER_SM = bd.RESIDENT_WARPS_PER_SM
 
 # (anchor in the kernel source, text inserted after it); each anchor must occur once.
 _INSERTS = [
-    ("            split, head_tile, req = cute.arch.block_idx()\n",
+    ("            head_tile, req, split = cute.arch.block_idx()\n",
      "            tl_gt0 = cute.arch.globaltimer_lo()\n            tl_c0 = cute.arch.clock()\n"),
     ("            m_run = Float32(NEG_INF)\n            l_run = Float32(0.0)\n",
      "            cute.arch.cp_async_wait_group(self.k_stages - 1)\n            tl_c1 = cute.arch.clock()\n"),
@@ -131,7 +131,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--cells", nargs="+", default=["8x32768x32x16"], help="BATCHxCONTEXTxHQxPAGE")
-    ap.add_argument("--splits", type=int, nargs="*", default=[], help="split counts besides the heuristic's")
+    ap.add_argument("--splits", type=int, nargs="*", default=[],
+                    help="equal-split counts to run besides the heuristic's split shape")
     ap.add_argument("--sparsity", type=float, default=0.7)
     ap.add_argument("--raw", action="store_true", help="also write every CTA's stamps")
     a = ap.parse_args()
@@ -142,12 +143,13 @@ def main():
     for cell in a.cells:
         batch, ctx, hq, page = (int(x) for x in cell.split("x"))
         w, q, kc, vc, table, lens, scale, heuristic, heuristic_ws, counts = cell_inputs(batch, ctx, hq, page, hkv, d)
-        for splits in sorted({heuristic, *a.splits}):
-            ws = heuristic_ws if splits == heuristic else bd.decode_workspace(splits, batch, hq, d, q.device)
+        for shape in dict.fromkeys([heuristic, *(bd.SplitShape(s) for s in a.splits)]):
+            splits = shape.num_splits
+            ws = heuristic_ws if shape == heuristic else bd.decode_workspace(splits, batch, hq, d, q.device)
 
             def call(factor, mod=bd, **kw):
                 return mod.blasst_decode(q, kc, vc, table, lens, softmax_scale=scale, threshold_scale_factor=factor,
-                                         num_splits=splits, workspace=ws, **kw)
+                                         workspace=ws, **shape._asdict(), **kw)
 
             def counting(factor):
                 counts.zero_()
@@ -163,12 +165,12 @@ def main():
                     call(factor, mod=tl_mod, decisions=stamps)
                 torch.cuda.synchronize()
                 rows = stamps.view(-1, splits, STAMPS).reshape(-1, STAMPS).cpu().numpy().astype(np.int64)
-                run = {"batch": batch, "context": ctx, "num_q_heads": hq, "page": page, "splits": splits,
+                run = {"batch": batch, "context": ctx, "num_q_heads": hq, "page": page, "splits": shape._asdict(),
                        "label": label, "factor": factor, **summarize(rows, sms * RESIDENT_SLOTS_PER_SM)}
                 if a.raw:
                     run["stamps"] = rows.tolist()
                 res["runs"].append(run)
-                print(f"B{batch} {ctx // 1024}K {hq}/{hkv} p{page} S{splits} {label}: span {run['span_us']:.1f} us, "
+                print(f"B{batch} {ctx // 1024}K {hq}/{hkv} p{page} {shape} {label}: span {run['span_us']:.1f} us, "
                       f"work {run['work_us']:.1f} (busy {run['busy']:.3f}), tail {run['tail_us']:.1f}, prologue "
                       f"{run['prologue_us_median']:.2f}, loop {run['loop_us_min']:.1f}..{run['loop_us_max']:.1f}, "
                       f"kept median {run['kept_tiles_median']:.0f} max {run['kept_tiles_max']}", flush=True)

@@ -4,7 +4,8 @@ modified copy of the kernel module against the committed one.
 For each cell of ``workloads.peaked_decode_batch`` (d 128, bf16) it times -- interleaved
 round by round on the same cache, so drift hits all alike -- vLLM's FA3 and every kernel
 variant dense and at the factors calibrated to ~0.7 / 0.9 skipped tiles. All variants
-use the same split count, so they take the same skip decisions; variants that accumulate
+use the heuristic's split shape, so they take the same skip decisions (a module copy must
+take ``long_splits`` / ``long_split_ratio``: this script's kernel API); variants that accumulate
 in the same order give bit-identical outputs, and the script reports, per variant,
 whether its output equals the first variant's. ``--module NAME=PATH`` (repeatable) adds another copy of the kernel
 module (e.g. an older commit's ``blasst_decode.py``, or an edited one) as variant ``NAME``, run with the default
@@ -51,13 +52,14 @@ def load_module(path: str, name: str = "baseline"):
 def cell_inputs(batch: int, ctx: int, hq: int, page: int, hkv: int = 8, d: int = 128):
     """One cell's ``workloads.peaked_decode_batch`` (d 128, bf16) with what every decode
     script times it with: the workload dict, its q / caches / block table / lengths, the
-    softmax scale, the heuristic split count, a workspace for it and zeroed skip counters."""
+    softmax scale, the heuristic's split shape (``bd.SplitShape``), a workspace for it and
+    zeroed skip counters."""
     w = workloads.peaked_decode_batch(batch, ctx, hq, hkv, d, page, device="cuda")
     q, kc, vc, table, lens = (w[k] for k in ("q", "k_cache", "v_cache", "block_table", "seq_lens"))
-    splits = bd.num_splits_heuristic(batch, hkv, hq // hkv, ctx, q.device)
-    ws = bd.decode_workspace(splits, batch, hq, d, q.device)
+    shape = bd.split_shape_heuristic(batch, hkv, hq // hkv, ctx, q.device)
+    ws = bd.decode_workspace(shape.num_splits, batch, hq, d, q.device)
     counts = torch.zeros(batch, 2, dtype=torch.int32, device="cuda")
-    return w, q, kc, vc, table, lens, d ** -0.5, splits, ws, counts
+    return w, q, kc, vc, table, lens, d ** -0.5, shape, ws, counts
 
 
 def main():
@@ -91,7 +93,7 @@ def main():
     res = {"environment": environment(), "args": vars(a), "cells": []}
     for batch, ctx, hq, page in cells:
         t0 = time.time()
-        w, q, kc, vc, table, lens, scale, splits, ws, counts = cell_inputs(batch, ctx, hq, page, hkv, d)
+        w, q, kc, vc, table, lens, scale, shape, ws, counts = cell_inputs(batch, ctx, hq, page, hkv, d)
         outs = {name: torch.empty_like(q) for name in variants}
 
         def run(name, factor, count=False):
@@ -99,8 +101,8 @@ def main():
             if count:
                 counts.zero_()
             return mod.blasst_decode(q, kc, vc, table, lens, softmax_scale=scale, threshold_scale_factor=factor,
-                                     num_splits=splits, out=outs[name], workspace=ws,
-                                     skip_counts=counts if count else None, **kw)
+                                     out=outs[name], workspace=ws, skip_counts=counts if count else None,
+                                     **shape._asdict(), **kw)
 
         first = next(iter(variants))
 
@@ -121,13 +123,13 @@ def main():
                     checks[f"{label}|{name}_bit_identical"] = bool(torch.equal(outs[name], want))
         times = interleaved_medians(fns, a.rounds, a.warmup)
         kv_bytes = batch * ctx * hkv * d * 2
-        cell = {"batch": batch, "context": ctx, "num_q_heads": hq, "num_kv_heads": hkv, "page": page, "splits": splits,
+        cell = {"batch": batch, "context": ctx, "num_q_heads": hq, "num_kv_heads": hkv, "page": page, "splits": shape._asdict(),
                 "factors": {str(k): {"factor": v[0], "sparsity": v[1]} for k, v in factors.items()},
                 "us": times, "checks": checks, "kv_bytes_one_plane": kv_bytes}
         res["cells"].append(cell)
         fa3 = times["fa3"]
         bad = [k for k, v in checks.items() if v is False]
-        print(f"B{batch} {ctx // 1024}K {hq}/{hkv} p{page} splits {splits} fa3 {fa3:.0f} [{time.time() - t0:.0f}s]"
+        print(f"B{batch} {ctx // 1024}K {hq}/{hkv} p{page} {shape} fa3 {fa3:.0f} [{time.time() - t0:.0f}s]"
               + (f" NOT IDENTICAL: {bad}" if bad else " outputs identical"), flush=True)
         for name in variants:
             line = f"  {name:>12}: dense {times[f'dense|{name}']:.0f} (x{fa3 / times[f'dense|{name}']:.3f})"

@@ -98,21 +98,28 @@ def test_decode_split_heuristic_rules(monkeypatch):
 
     monkeypatch.setitem(bd._SM_COUNT, 0, 132)
 
-    def splits(batch, ctx, rows=4, hkv=8):
-        return bd.num_splits_heuristic(batch, hkv, rows, ctx, "cuda:0")
+    def shape(batch, ctx, rows=4, hkv=8):
+        return bd.split_shape_heuristic(batch, hkv, rows, ctx, "cuda:0")
+
+    def tapered(long):
+        return bd.SplitShape(long + long // 2, long, bd.LONG_SPLIT_RATIO)
 
     slots = 132 * bd.RESIDENT_WARPS_PER_SM
-    # B = 1: 16-tile splits that still fit in one wave.
-    assert splits(1, 32768) == 32768 // (16 * bd.MIN_TILES_PER_SPLIT_ONE_WAVE)
-    assert 8 * splits(1, 32768) <= slots
-    # B = 8 (64 warps per split, fewer than the SMs): 3 whole waves, rounded down.
-    assert splits(8, 65536) == slots * bd.WAVES_SMALL_BATCH // 64
-    # B = 64: 5 whole waves.
-    assert splits(64, 131072) == slots * bd.WAVES_LARGE_BATCH // 512
-    # Short contexts: never fewer than MIN_TILES_PER_SPLIT tiles per split, never 0 splits.
-    assert splits(32, 8192) == 8192 // (16 * bd.MIN_TILES_PER_SPLIT)
-    assert splits(64, 1) == 1 and splits(1, 1) == 1
+    # B = 1: equal 16-tile splits that still fit in one wave.
+    assert shape(1, 32768) == bd.SplitShape(32768 // (16 * bd.MIN_TILES_PER_SPLIT_ONE_WAVE))
+    assert 8 * shape(1, 32768).num_splits <= slots
+    # B = 8 (64 warps per split, fewer than the SMs): long splits filling 2 whole waves,
+    # rounded down, then half as many short ones.
+    assert shape(8, 65536) == tapered(slots * bd.LONG_SPLIT_WAVES_SMALL_BATCH // 64) == bd.SplitShape(49, 33, 4)
+    # B = 64: long splits filling 4 waves.
+    assert shape(64, 131072) == tapered(slots * bd.LONG_SPLIT_WAVES_LARGE_BATCH // 512)
+    assert shape(32, 131072) == tapered(slots * bd.LONG_SPLIT_WAVES_LARGE_BATCH // 256) == bd.SplitShape(24, 16, 4)
+    # Short contexts: no long split shorter than MIN_TILES_PER_SPLIT tiles, never 0 splits.
+    assert shape(32, 8192) == tapered(8192 // (16 * bd.MIN_TILES_PER_SPLIT))
+    assert shape(64, 1) == shape(1, 1) == bd.SplitShape(1)
+    # Fewer than 2 long splits (huge batches): equal splits, 5 waves' worth.
+    assert shape(512, 131072) == bd.SplitShape(slots * bd.WAVES_LARGE_BATCH // 4096)
+    assert shape(2048, 131072) == bd.SplitShape(1)
     # GQA 64/8 packs 8 rows per KV head into one row tile, like 32/8.
-    assert splits(8, 65536, rows=8) == splits(8, 65536, rows=4)
-    assert splits(8, 65536, rows=16) == slots * bd.WAVES_SMALL_BATCH // 128  # 2 row tiles: 128 < 132 SMs
-    assert splits(32, 131072) == slots * bd.WAVES_LARGE_BATCH // 256
+    assert shape(8, 65536, rows=8) == shape(8, 65536, rows=4)
+    assert shape(8, 65536, rows=16) == tapered(slots * bd.LONG_SPLIT_WAVES_SMALL_BATCH // 128)  # 2 row tiles: 128 < 132 SMs

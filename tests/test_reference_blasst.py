@@ -6,7 +6,12 @@ import random
 import pytest
 import torch
 
-from vllm_blackwell_sparse.reference import blasst_attention_reference, blasst_log_lambda, paged_attention_dense
+from vllm_blackwell_sparse.reference import (
+    blasst_attention_reference,
+    blasst_log_lambda,
+    paged_attention_dense,
+    split_tile_ranges,
+)
 from vllm_blackwell_sparse.workloads import CASE_TENSORS, PeakedAttentionParams, make_paged_kv, peaked_attention_case
 
 
@@ -143,33 +148,54 @@ def test_padding_rows_do_not_vote():
     torch.testing.assert_close(a.out, b.out)
 
 
-@pytest.mark.parametrize("num_splits", [1, 2, 5])
+def test_split_tile_ranges():
+    # Equal splits: ceil(n / S) tiles each, the tail clipped, empty ranges kept.
+    assert split_tile_ranges(10, 3) == [(0, 4), (4, 8), (8, 10)]
+    assert split_tile_ranges(2, 4) == [(0, 1), (1, 2), (2, 2), (2, 2)]
+    assert split_tile_ranges(10, 3, 2, 1) == split_tile_ranges(10, 3)
+    # 2 long splits of 3 units and 2 short: unit = ceil(20 / 8) = 3.
+    assert split_tile_ranges(20, 4, 2, 3) == [(0, 9), (9, 18), (18, 20), (20, 20)]
+    assert split_tile_ranges(2048, 66, 33, 6)[:2] == [(0, 54), (54, 108)]
+    rng = random.Random()
+    for _ in range(300):
+        n, splits = rng.randint(0, 5000), rng.randint(1, 300)
+        long, ratio = rng.randint(0, splits), rng.randint(1, 8)
+        r = split_tile_ranges(n, splits, long, ratio)
+        assert len(r) == splits and r[0][0] == 0 and r[-1][1] == n  # contiguous cover of [0, n)
+        assert all(a1 == b0 for (_, a1), (b0, _) in zip(r, r[1:])) and all(t0 <= t1 for t0, t1 in r)
+        sizes = [t1 - t0 for t0, t1 in r]
+        unit = -(-n // (ratio * long + splits - long))
+        assert all(sz <= (ratio * unit if s < long else unit) for s, sz in enumerate(sizes))
+    for bad in [dict(num_splits=0), dict(num_splits=2, long_splits=3), dict(num_splits=2, long_splits=1, long_split_ratio=0)]:
+        with pytest.raises(ValueError, match=next(iter(bad)) if len(bad) == 1 else "long_split"):
+            split_tile_ranges(10, **bad)
+
+
+@pytest.mark.parametrize("splits", [(1, 0, 1), (2, 0, 1), (5, 0, 1), (5, 2, 3), (3, 3, 2)])
 @pytest.mark.parametrize("visit_order", ["ascending", "descending"])
-def test_first_tile_of_every_split_is_never_eligible(num_splits, visit_order):
+def test_first_tile_of_every_split_is_never_eligible(splits, visit_order):
+    num_splits, long_splits, ratio = splits
     case = peaked(seed=4, seq_lens=(2048, 1000))
     tile = 128
     res = blasst_attention_reference(
-        *args_of(case), threshold_scale_factor=50.0, kv_tile_size=tile, num_splits=num_splits, visit_order=visit_order
+        *args_of(case), threshold_scale_factor=50.0, kv_tile_size=tile, num_splits=num_splits, visit_order=visit_order,
+        long_splits=long_splits, long_split_ratio=ratio,
     )
     hkv = case["k_cache"].shape[2]
-    expected = 0
-    for n in case["seq_lens"].tolist():
-        n_tiles = -(-n // tile)
-        per = -(-n_tiles // num_splits)
-        splits = len([s for s in range(num_splits) if s * per < n_tiles])
-        expected += (n_tiles - splits) * hkv
+    ranges = {n: split_tile_ranges(-(-n // tile), num_splits, long_splits, ratio) for n in case["seq_lens"].tolist()}
+    expected = sum((t1 - t0 - 1) * hkv for r in ranges.values() for t0, t1 in r if t0 < t1)
     assert res.eligible_tiles == expected
     assert res.skipped_tiles > 0
-    # The first visited tile of a split never appears among the decisions of that split.
-    for s in range(num_splits):
-        sel = res.decisions.split == s
-        for req, n in enumerate(case["seq_lens"].tolist()):
-            n_tiles = -(-n // tile)
-            per = -(-n_tiles // num_splits)
-            t0, t1 = s * per, min((s + 1) * per, n_tiles)
+    # Every decision's tile lies in its split's range, and the first visited tile of a
+    # split never appears among the decisions of that split.
+    for req, n in enumerate(case["seq_lens"].tolist()):
+        for s, (t0, t1) in enumerate(ranges[n]):
+            sel = (res.decisions.split == s) & (res.decisions.request == req)
+            tiles = res.decisions.kv_tile[sel]
+            assert bool(((tiles >= t0) & (tiles < t1)).all())
             if t0 < t1:
                 f = t0 if visit_order == "ascending" else t1 - 1
-                assert not bool(((res.decisions.kv_tile == f) & sel & (res.decisions.request == req)).any())
+                assert not bool((tiles == f).any())
 
 
 @pytest.mark.parametrize("visit_order", ["ascending", "descending"])

@@ -18,6 +18,12 @@ bd = pytest.importorskip("vllm_blackwell_sparse.kernels.blasst_decode")
 DEV = "cuda"
 
 
+def split_kwargs(splits):
+    """``splits``: a split count, or ``(num_splits, long_splits, long_split_ratio)``."""
+    n, long, ratio = splits if isinstance(splits, tuple) else (splits, 0, 1)
+    return {"num_splits": n, "long_splits": long, "long_split_ratio": ratio}
+
+
 def run_case(seq_lens, next_n, hq, hkv, d, bs, splits, factor, *, seed, peak=8.0, dtype=torch.bfloat16,
              k_stages=bd.DEFAULT_K_STAGES):
     case = wl.peaked_attention_case(
@@ -27,7 +33,7 @@ def run_case(seq_lens, next_n, hq, hkv, d, bs, splits, factor, *, seed, peak=8.0
     args = [case[n] for n in wl.CASE_TENSORS]
     ref = blasst_attention_reference(
         *args, threshold_scale_factor=factor, kv_tile_size=bd.KV_TILE, q_tile_rows=bd.Q_TILE_ROWS,
-        num_splits=splits, visit_order="ascending",
+        visit_order="ascending", **split_kwargs(splits),
     )
     b = len(seq_lens)
     row_tiles = -(-next_n * (hq // hkv) // bd.Q_TILE_ROWS)
@@ -35,7 +41,7 @@ def run_case(seq_lens, next_n, hq, hkv, d, bs, splits, factor, *, seed, peak=8.0
     counts = torch.zeros(b, 2, dtype=torch.int32, device=DEV)
     out = bd.blasst_decode(
         case["q"], case["k_cache"], case["v_cache"], case["block_table"], case["seq_lens"],
-        softmax_scale=1 / math.sqrt(d), threshold_scale_factor=factor, num_splits=splits,
+        softmax_scale=1 / math.sqrt(d), threshold_scale_factor=factor, **split_kwargs(splits),
         skip_counts=counts, decisions=decisions, k_stages=k_stages,
     )
     return case, args, ref, out, decisions, counts, row_tiles
@@ -68,7 +74,7 @@ def check_against_oracle(seq_lens, next_n, hq, hkv, d, bs, splits, factor, *, se
 
 
 CASES = [
-    # seq_lens, next_n, Hq, Hkv, D, block, splits, factor
+    # seq_lens, next_n, Hq, Hkv, D, block, splits (or (splits, long splits, ratio)), factor
     ([1, 17, 300, 1000], 1, 32, 8, 128, 16, 1, None),
     ([1, 17, 300, 1000], 1, 32, 8, 128, 16, 3, None),
     ([33, 700, 2049], 1, 64, 8, 128, 64, 4, None),
@@ -83,6 +89,10 @@ CASES = [
     ([3000], 1, 8, 8, 128, 16, 1, 1.0),
     ([300, 1000, 2000], 1, 32, 4, 128, 128, 5, 0.5),
     ([1000, 2000], 1, 32, 8, 128, 16, 2, 1e5),  # λ >= 1 for every request: nothing skipped
+    # long-then-short splits: some short ones empty (the 33-key request), all long, ratio 1
+    ([33, 1500, 3000], 1, 32, 8, 128, 16, (9, 4, 4), 5.0),
+    ([700, 3000], 2, 64, 8, 64, 64, (6, 6, 3), 20.0),
+    ([700, 3000], 1, 32, 8, 128, 16, (5, 2, 1), None),
 ]
 
 
@@ -109,7 +119,8 @@ def test_fuzz_every_supported_shape():
         next_n = rng.choice([1, 1, 2, 4])
         bs = rng.choice([16, 32, 64, 128])
         lens = [rng.randint(next_n, 2500) for _ in range(rng.randint(1, 4))]
-        splits = rng.randint(1, 6)
+        n_splits = rng.randint(1, 6)
+        splits = (n_splits, rng.randint(0, n_splits), rng.choice([1, 2, 4, 6]))
         factor = rng.choice([None, 0.5, 4.0, 40.0])
         dtype = rng.choice([torch.bfloat16, torch.float16])
         k_stages = rng.choice([1, 2, 3, 4, 6])  # the K ring depth: refills, wrap-around, splits shorter than it

@@ -152,15 +152,15 @@ def bench_cell(batch, context, hq, hkv, page, sparsities, iters, warmup) -> dict
     dense_times = [k["us"] for k in cell["kernels"].values() if "us" in k]
     best_dense = min(dense_times) if dense_times else None
 
-    splits = bd.num_splits_heuristic(batch, hkv, hq // hkv, context, q.device)
-    ws = bd.decode_workspace(splits, batch, hq, d, q.device)
+    shape = bd.split_shape_heuristic(batch, hkv, hq // hkv, context, q.device)
+    ws = bd.decode_workspace(shape.num_splits, batch, hq, d, q.device)
     counts = torch.zeros(batch, 2, dtype=torch.int32, device=q.device)
 
     def ours(factor, count=False):
         if count:
             counts.zero_()
         return bd.blasst_decode(q, kc, vc, table, lens, softmax_scale=scale, threshold_scale_factor=factor,
-                                num_splits=splits, out=out, workspace=ws, skip_counts=counts if count else None)
+                                out=out, workspace=ws, skip_counts=counts if count else None, **shape._asdict())
 
     def record(name, factor, extra):
         t = time_us(lambda: ours(factor), iters, warmup)
@@ -173,7 +173,7 @@ def bench_cell(batch, context, hq, hkv, page, sparsities, iters, warmup) -> dict
         cell["kernels"][name] = {
             "us": t, "tb_s": read / t / 1e6, "factor": factor, "skipped_tiles": skipped, "eligible_tiles": eligible,
             "sparsity": sparsity, "max_abs_err": err.max().item(), "mean_abs_err": err.mean().item(),
-            "speedup_vs_best_dense": best_dense / t if best_dense else None, "num_splits": splits,
+            "speedup_vs_best_dense": best_dense / t if best_dense else None, **shape._asdict(),
             "us_with_launch": t_launch, **extra,
         }
 

@@ -1,12 +1,14 @@
 """BLASST paged split-KV decode attention, in CuTe DSL.
 
 Semantics are those of ``reference/blasst.py`` with ``kv_tile_size=KV_TILE``,
-``q_tile_rows=Q_TILE_ROWS``, ``visit_order="ascending"`` and the same ``num_splits``:
-queries of ``next_n`` tokens per request (causal among them), GQA-packed rows
-``r = t * G + g`` for one KV head, the request's tiles cut into ``num_splits``
-contiguous ranges, each with its own online softmax, merged by log-sum-exp.
+``q_tile_rows=Q_TILE_ROWS``, ``visit_order="ascending"`` and the same ``num_splits``,
+``long_splits`` and ``long_split_ratio``: queries of ``next_n`` tokens per request (causal
+among them), GQA-packed rows ``r = t * G + g`` for one KV head, the request's tiles cut
+into ``num_splits`` contiguous ranges (the first ``long_splits`` of them
+``long_split_ratio`` times as long as the others), each with its own online softmax,
+merged by log-sum-exp.
 
-Design (one warp per CTA, one CTA per (split, KV head x row tile, request))
+Design (one warp per CTA, one CTA per (KV head x row tile, request, split))
 ---------------------------------------------------------------------------
 Decode is memory-bound, so the kernel is built around the bytes: K and V are read with
 128-bit accesses laid out directly as ``mma.sync.m16n8k16`` fragments, with no
@@ -44,6 +46,7 @@ fp32 partial outputs and log2-domain LSEs per split, merged by the combine kerne
 
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -63,6 +66,7 @@ DEFAULT_MIN_WARPS_PER_SM = RESIDENT_WARPS_PER_SM
 DEFAULT_K_STAGES = 2  # depth of each warp's shared-memory K ring (K tiles in flight); 2 measured best on the H200
 MAX_K_STAGES = 8
 LOG2E = 1.4426950408889634
+MAX_LONG_SPLIT_RATIO = 64  # keeps the kernel's 32-bit tile arithmetic far from overflow
 MAX_SPLITS = 256  # split-KV ranges per (request, KV head); the combine reads one LSE per thread
 COMBINE_THREADS = MAX_SPLITS
 COMBINE_LOADS = 8  # 16-byte partial loads per thread in flight at once in the combine
@@ -127,18 +131,23 @@ def _kernel_module():
 
         @cute.jit
         def __call__(self, mQ, mK, mV, mBlockTable, mSeqLens, mOut, mOPart, mLsePart, mCounts, mDecisions,
-                     scale_log2: Float32, log2_factor: Float32, num_splits: Int32, stream):
+                     scale_log2: Float32, log2_factor: Float32, num_splits: Int32, long_splits: Int32,
+                     long_split_ratio: Int32, stream):
+            # Split index slowest: CTAs are dispatched in launch order, so every request's
+            # first splits run first and the last wave is made of the last (with long
+            # splits: the short) splits.
             self.kernel(mQ, mK, mV, mBlockTable, mSeqLens, mOut, mOPart, mLsePart, mCounts, mDecisions,
-                        scale_log2, log2_factor, num_splits).launch(
-                grid=[num_splits, mK.shape[2] * self.q_tiles, mSeqLens.shape[0]], block=[32, 1, 1], stream=stream,
+                        scale_log2, log2_factor, num_splits, long_splits, long_split_ratio).launch(
+                grid=[mK.shape[2] * self.q_tiles, mSeqLens.shape[0], num_splits], block=[32, 1, 1], stream=stream,
                 min_blocks_per_mp=self.min_warps_per_sm, preferred_smem_carveout=self.smem_carveout_percent(),
             )
 
         @cute.kernel
         def kernel(self, mQ, mK, mV, mBlockTable, mSeqLens, mOut, mOPart, mLsePart, mCounts, mDecisions,
-                   scale_log2: Float32, log2_factor: Float32, num_splits: Int32):
+                   scale_log2: Float32, log2_factor: Float32, num_splits: Int32, long_splits: Int32,
+                   long_split_ratio: Int32):
             lane, _, _ = cute.arch.thread_idx()
-            split, head_tile, req = cute.arch.block_idx()
+            head_tile, req, split = cute.arch.block_idx()
             kv_head = head_tile // self.q_tiles
             q_tile = head_tile % self.q_tiles
             quad = lane % 4  # q in the module docstring
@@ -156,9 +165,17 @@ def _kernel_module():
             last_tok = cutlass.min(q_tile * Q_TILE_ROWS + Q_TILE_ROWS - 1, self.rows - 1) // self.group
             kv_end = kv_len - self.next_n + last_tok + 1
             n_tiles = cutlass.max(kv_end + KV_TILE - 1, 0) // KV_TILE
-            per_split = (n_tiles + num_splits - 1) // num_splits
-            t_begin = split * per_split
-            t_end = cutlass.min(t_begin + per_split, n_tiles)
+            # This split's tiles (reference.split_tile_ranges): the first long_splits
+            # ranges are long_split_ratio units long, the rest one unit.
+            units = long_split_ratio * long_splits + num_splits - long_splits
+            unit = (n_tiles + units - 1) // units
+            t_begin = long_splits * long_split_ratio * unit + (split - long_splits) * unit
+            size = unit
+            if split < long_splits:
+                t_begin = split * long_split_ratio * unit
+                size = long_split_ratio * unit
+            t_begin = cutlass.min(t_begin, n_tiles)
+            t_end = cutlass.min(t_begin + size, n_tiles)
 
             # Q fragments (A operand), head dim permuted as described above.
             qv = cute.make_rmem_tensor((8, self.k_loads), self.dtype)
@@ -573,7 +590,7 @@ def compile_blasst_decode(
     stream = make_fake_stream(use_tvm_ffi_env_stream=True)
     compiled = cute.compile(
         op, q, kc, vc, bt, lens, out, o_part, lse_part, counts, decisions, cutlass.Float32(1.0), cutlass.Float32(0.0),
-        cutlass.Int32(1), stream,
+        cutlass.Int32(1), cutlass.Int32(0), cutlass.Int32(1), stream,
         options="--enable-tvm-ffi",
     )
     _COMPILED[key] = compiled
@@ -618,30 +635,42 @@ def _check_static(head_dim, group, next_n, block_size, dtype):
         raise ValueError(f"block_size must be a multiple of {KV_TILE}, got {block_size}")
 
 
-# Split heuristic, measured on the H200 (benchmarks/decode_tuning.py; 8 one-warp CTAs of
-# this kernel are resident per SM):
+# Split heuristic, measured on the H200 (benchmarks/decode_tuning.py, decode_split_shapes.py;
+# 8 one-warp CTAs of this kernel are resident per SM):
 # - when even 16-tile splits give fewer warps than one wave holds (small batches), use
-#   them all: the GPU is latency-bound there and every extra warp helps;
-# - otherwise fill whole waves of resident warps, rounded down: 5 when the batch has at
-#   least one (request, KV head, row tile) per SM (more waves even out the splits that
-#   keep more tiles than others), 3 below that (B = 8: 5 waves means ~25-tile splits,
-#   whose fixed per-warp cost -- prologue, partial write, merge -- cost 3-5%); and no
-#   split shorter than 32 tiles (512 keys).
-# Re-measured on GPU time with the one-round merge (2026-12-01, factor calibrated per split
-# count): B = 8 x 32K at s 0.7 took 186 / 182 / 184 / 187 us with 1 / 2 / 3 / 5 waves, and
-# B = 32 / 64 were fastest with 5; the rules stand. What the rules cannot fix: at B = 8 the
-# last wave's splits differ in kept tiles, so the warp slots idle for ~13% of the call while
-# the slowest finish (benchmarks/decode_timeline.py).
+#   them all, equal: the GPU is latency-bound there and every extra warp helps;
+# - otherwise long-then-short splits (``reference.split_tile_ranges``): long splits that
+#   fill whole waves of resident warps (rounded down; 4 waves when the batch has at least
+#   one (request, KV head, row tile) per SM, else 2), then half as many splits a quarter
+#   as long. CTAs are dispatched split-major, so the short splits make up the last wave:
+#   the slots that finish early take short work instead of idling while the slowest long
+#   splits end (with equal splits ~13% of the warp slots idled at B = 8 x 32K, s 0.7;
+#   benchmarks/decode_timeline.py). Measured 2026-12-01 at s 0.7, each shape at its own
+#   calibrated factor: 1.9-2.6% faster than the previous equal splits (3 waves at B = 8,
+#   5 at B >= 32) at B = 8 x 32K / 64K, 2.5% at B = 32, 3.5-4% at B = 64; dense unchanged
+#   within 0.6%. No long split of the longest request is shorter than 32 tiles (512 keys).
+# With fewer than 2 long splits (very large batches) the splits are equal, 5 waves' worth.
+LONG_SPLIT_WAVES_LARGE_BATCH = 4
+LONG_SPLIT_WAVES_SMALL_BATCH = 2
+LONG_SPLIT_RATIO = 4
+SHORT_SPLITS_PER_LONG = 0.5
 WAVES_LARGE_BATCH = 5
-WAVES_SMALL_BATCH = 3
 MIN_TILES_PER_SPLIT = 32
 MIN_TILES_PER_SPLIT_ONE_WAVE = 16
 _SM_COUNT: dict[int, int] = {}
 
 
-def num_splits_heuristic(batch: int, num_kv_heads: int, rows_per_kv_head: int, max_seq_len: int, device) -> int:
-    """Splits per (request, KV head, row tile) for a batch whose longest request has
-    ``max_seq_len`` keys (see the rules above)."""
+class SplitShape(NamedTuple):
+    """How a request's tiles are cut into splits (``reference.split_tile_ranges``)."""
+
+    num_splits: int
+    long_splits: int = 0
+    long_split_ratio: int = 1
+
+
+def split_shape_heuristic(batch: int, num_kv_heads: int, rows_per_kv_head: int, max_seq_len: int, device) -> SplitShape:
+    """The split shape for a batch whose longest request has ``max_seq_len`` keys (see the
+    rules above)."""
     idx = torch.device(device).index or 0
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
@@ -649,9 +678,13 @@ def num_splits_heuristic(batch: int, num_kv_heads: int, rows_per_kv_head: int, m
     warps = max(1, batch * num_kv_heads * -(-rows_per_kv_head // Q_TILE_ROWS))
     finest = splits_filling_waves(None, warps, max_seq_len, sms, MIN_TILES_PER_SPLIT_ONE_WAVE)
     if warps * finest <= sms * RESIDENT_WARPS_PER_SM:
-        return finest
-    waves = WAVES_LARGE_BATCH if warps >= sms else WAVES_SMALL_BATCH
-    return splits_filling_waves(waves, warps, max_seq_len, sms, MIN_TILES_PER_SPLIT)
+        return SplitShape(finest)
+    waves = LONG_SPLIT_WAVES_LARGE_BATCH if warps >= sms else LONG_SPLIT_WAVES_SMALL_BATCH
+    long = splits_filling_waves(waves, warps, max_seq_len, sms, MIN_TILES_PER_SPLIT)
+    short = int(SHORT_SPLITS_PER_LONG * long)
+    if long < 2 or long + short > MAX_SPLITS:
+        return SplitShape(splits_filling_waves(WAVES_LARGE_BATCH, warps, max_seq_len, sms, MIN_TILES_PER_SPLIT))
+    return SplitShape(long + short, long, LONG_SPLIT_RATIO)
 
 
 def splits_filling_waves(waves: int | None, warps_per_split: int, max_seq_len: int, sm_count: int,
@@ -684,6 +717,8 @@ def blasst_decode(
     softmax_scale: float,
     threshold_scale_factor: float | None = None,
     num_splits: int | None = None,
+    long_splits: int = 0,
+    long_split_ratio: int = 1,
     max_seq_len: int | None = None,
     out: torch.Tensor | None = None,
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -702,9 +737,12 @@ def blasst_decode(
         block_table: int32 ``[B, max_blocks]``. seq_lens: int32 ``[B]``, the new tokens
             included; a request of length 0 yields zeros.
         threshold_scale_factor: λ = factor / seq_len per request; None = dense decode.
-        num_splits: split-KV ranges per (request, KV head); default from the GPU size,
-            the batch and ``max_seq_len`` (give it: without it the heuristic assumes
-            long sequences).
+        num_splits: split-KV ranges per (request, KV head). long_splits,
+            long_split_ratio: the first ``long_splits`` splits are ``long_split_ratio``
+            times as long as the rest (``reference.split_tile_ranges``); 0 / 1: equal
+            splits. Without ``num_splits`` all three come from
+            :func:`split_shape_heuristic` (the GPU size, the batch and ``max_seq_len``:
+            give it, without it the heuristic assumes long sequences).
         out: ``[B * next_n, Hq, D]`` output in q's dtype. workspace: from
             :func:`decode_workspace` for ``num_splits > 1``. With both given the call
             allocates nothing (CUDA-graph capturable).
@@ -745,9 +783,17 @@ def blasst_decode(
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1 or any(s % 8 for s in out.stride()[:-1]):
         raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with a contiguous head dim")
     if num_splits is None:
-        num_splits = num_splits_heuristic(batch, hkv, hq // hkv * next_n, max_seq_len or (1 << 17), q.device)
+        if long_splits or long_split_ratio != 1:
+            raise ValueError("long_splits / long_split_ratio need num_splits; without it all three come from "
+                             "split_shape_heuristic")
+        num_splits, long_splits, long_split_ratio = split_shape_heuristic(
+            batch, hkv, hq // hkv * next_n, max_seq_len or (1 << 17), q.device)
     if not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
+    if not 0 <= long_splits <= num_splits:
+        raise ValueError(f"long_splits must be in [0, num_splits={num_splits}], got {long_splits}")
+    if not 1 <= long_split_ratio <= MAX_LONG_SPLIT_RATIO or long_split_ratio != int(long_split_ratio):
+        raise ValueError(f"long_split_ratio must be an integer in [1, {MAX_LONG_SPLIT_RATIO}], got {long_split_ratio}")
     final = num_splits == 1
     if workspace is None:
         workspace = decode_workspace(num_splits if not final else 1, tokens if not final else 1, hq if not final else 1, d, q.device)
@@ -779,7 +825,7 @@ def blasst_decode(
         # Without counting the kernel never reads the counts: seq_lens (int32, 1-D) stands in.
         skip_counts.view(-1) if count else seq_lens,
         decisions if record else seq_lens.view(1, 1, -1),  # stand-in, never read
-        softmax_scale * LOG2E, log2_factor, num_splits,
+        softmax_scale * LOG2E, log2_factor, num_splits, long_splits, long_split_ratio,
     )
     if not final:
         compile_blasst_combine(head_dim=d, dtype=q.dtype)(o_part[:num_splits], lse_part[:num_splits], out)

@@ -10,6 +10,7 @@ from vllm_blackwell_sparse.reference.blasst import (
     blasst_log_lambda,
     gather_paged_kv,
     paged_attention_dense,
+    split_tile_ranges,
 )
 from vllm_blackwell_sparse.reference.topk import (
     GvrRowTrace,
@@ -28,5 +29,6 @@ __all__ = [
     "gvr_topk_emulation",
     "ordered_keys",
     "paged_attention_dense",
+    "split_tile_ranges",
     "topk_reference",
 ]

@@ -29,8 +29,10 @@ threshold. Kernels compute in a different order and precision, so they must agre
 with this oracle on every decision whose margin exceeds 1e-3; the others are counted.
 
 Split-KV: the visited tiles ``[0, n_tiles)`` are cut into ``num_splits`` contiguous
-ranges of ``ceil(n_tiles / num_splits)`` tiles; each split has its own running
-statistics and its first visited tile is never skipped. Splits are merged with their
+ranges (:func:`split_tile_ranges`): by default of ``ceil(n_tiles / num_splits)`` tiles
+each; with ``long_splits = L > 0`` the first ``L`` ranges are ``long_split_ratio`` times
+as long as the rest (a kernel that dispatches splits in order then ends on short ones).
+Each split has its own running statistics and its first visited tile is never skipped. Splits are merged with their
 log-sum-exp. ``visit_order`` is the order the kernel walks the tiles of a split.
 With causal masking, tiles entirely past the causal limit of the row group are not
 visited at all (a kernel does not load them) and so are neither eligible nor skipped.
@@ -104,7 +106,36 @@ def gather_paged_kv(cache: torch.Tensor, block_table_row: torch.Tensor, kv_len: 
     return cache[blocks, pos % block_size]
 
 
-def _check_inputs(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, kv_tile_size, q_tile_rows, num_splits, visit_order):
+def split_tile_ranges(n_tiles: int, num_splits: int, long_splits: int = 0, long_split_ratio: int = 1) -> list[tuple[int, int]]:
+    """The tile range ``[t0, t1)`` of every split (empty ranges included, ``t0 == t1``).
+
+    ``unit = ceil(n_tiles / (long_split_ratio * long_splits + num_splits - long_splits))``;
+    split ``s < long_splits`` covers ``long_split_ratio * unit`` tiles, every later one
+    ``unit``, in order from tile 0, clipped to ``n_tiles``. ``long_splits = 0`` (or ratio
+    1) is the uniform cut into ``ceil(n_tiles / num_splits)``-tile ranges.
+    """
+    _check_split_shape(num_splits, long_splits, long_split_ratio)
+    unit = -(-n_tiles // (long_split_ratio * long_splits + num_splits - long_splits))
+    ranges = []
+    for s in range(num_splits):
+        if s < long_splits:
+            t0, size = s * long_split_ratio * unit, long_split_ratio * unit
+        else:
+            t0, size = long_splits * long_split_ratio * unit + (s - long_splits) * unit, unit
+        ranges.append((min(t0, n_tiles), min(t0 + size, n_tiles)))
+    return ranges
+
+
+def _check_split_shape(num_splits, long_splits, long_split_ratio):
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    if not 0 <= long_splits <= num_splits:
+        raise ValueError(f"long_splits must be in [0, num_splits={num_splits}], got {long_splits}")
+    if long_split_ratio < 1 or long_split_ratio != int(long_split_ratio):
+        raise ValueError(f"long_split_ratio must be an integer >= 1, got {long_split_ratio}")
+
+
+def _check_inputs(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, kv_tile_size, q_tile_rows, visit_order):
     if q.dim() != 3:
         raise ValueError(f"q must be [total_q, num_q_heads, head_dim], got shape {tuple(q.shape)}")
     if k_cache.dim() != 4 or v_cache.dim() != 4:
@@ -124,8 +155,6 @@ def _check_inputs(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, kv_t
         raise ValueError(f"kv_tile_size must be > 0, got {kv_tile_size}")
     if q_tile_rows is not None and q_tile_rows <= 0:
         raise ValueError(f"q_tile_rows must be > 0 or None, got {q_tile_rows}")
-    if num_splits < 1:
-        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     if visit_order not in VISIT_ORDERS:
         raise ValueError(f"visit_order must be one of {VISIT_ORDERS}, got {visit_order!r}")
 
@@ -146,6 +175,8 @@ def blasst_attention_reference(
     q_tile_rows: int | None = None,
     num_splits: int = 1,
     visit_order: str = "descending",
+    long_splits: int = 0,
+    long_split_ratio: int = 1,
 ) -> BlasstResult:
     """Tile-wise online-softmax attention with the BLASST skip rule (module docstring).
 
@@ -161,8 +192,11 @@ def blasst_attention_reference(
             (None: all packed rows of a request and KV head form one group).
         num_splits: split-KV ranges per row group. visit_order: order of tiles
             within a split, ``"descending"`` (FA4's) or ``"ascending"``.
+        long_splits, long_split_ratio: the first ``long_splits`` splits are
+            ``long_split_ratio`` times as long as the rest (:func:`split_tile_ranges`).
     """
-    _check_inputs(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, kv_tile_size, q_tile_rows, num_splits, visit_order)
+    _check_inputs(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, kv_tile_size, q_tile_rows, visit_order)
+    _check_split_shape(num_splits, long_splits, long_split_ratio)
     total_q, hq, d = q.shape
     hkv, dv = k_cache.shape[2], v_cache.shape[3]
     g = hq // hkv
@@ -197,10 +231,8 @@ def blasst_attention_reference(
             limit = (kv_len - q_len + row_token[r0:r1] + 1) if causal else torch.full((r1 - r0,), kv_len, device=dev)
             kv_end = int(limit.max())
             n_tiles = -(-kv_end // kv_tile_size)
-            per_split = -(-n_tiles // num_splits)
             o_parts, lse_parts = [], []
-            for s in range(num_splits):
-                t0, t1 = s * per_split, min((s + 1) * per_split, n_tiles)
+            for s, (t0, t1) in enumerate(split_tile_ranges(n_tiles, num_splits, long_splits, long_split_ratio)):
                 if t0 >= t1:
                     continue
                 order = range(t0, t1) if visit_order == "ascending" else range(t1 - 1, t0 - 1, -1)

@@ -114,8 +114,11 @@ def test_decode_split_heuristic_rules(monkeypatch):
     # B = 64: long splits filling 4 waves.
     assert shape(64, 131072) == tapered(slots * bd.LONG_SPLIT_WAVES_LARGE_BATCH // 512)
     assert shape(32, 131072) == tapered(slots * bd.LONG_SPLIT_WAVES_LARGE_BATCH // 256) == bd.SplitShape(24, 16, 4)
-    # Short contexts: no long split shorter than MIN_TILES_PER_SPLIT tiles, never 0 splits.
-    assert shape(32, 8192) == tapered(8192 // (16 * bd.MIN_TILES_PER_SPLIT))
+    # Short contexts: short splits of 8 tiles (< MIN_TILES_PER_SHORT_SPLIT) -> equal splits
+    # of MIN_TILES_PER_SPLIT tiles; B = 64's are 15 tiles long: long-then-short.
+    assert shape(32, 8192) == shape(8, 8192) == bd.SplitShape(8192 // (16 * bd.MIN_TILES_PER_SPLIT))
+    assert shape(64, 8192) == tapered(slots * bd.LONG_SPLIT_WAVES_LARGE_BATCH // 512)
+    assert shape(8, 32768) == bd.SplitShape(49, 33, 4)  # 14-tile short splits
     assert shape(64, 1) == shape(1, 1) == bd.SplitShape(1)
     # Fewer than 2 long splits (huge batches): equal splits, 5 waves' worth.
     assert shape(512, 131072) == bd.SplitShape(slots * bd.WAVES_LARGE_BATCH // 4096)

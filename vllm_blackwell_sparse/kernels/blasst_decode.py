@@ -649,13 +649,17 @@ def _check_static(head_dim, group, next_n, block_size, dtype):
 #   calibrated factor: 1.9-2.6% faster than the previous equal splits (3 waves at B = 8,
 #   5 at B >= 32) at B = 8 x 32K / 64K, 2.5% at B = 32, 3.5-4% at B = 64; dense unchanged
 #   within 0.6%. No long split of the longest request is shorter than 32 tiles (512 keys).
-# With fewer than 2 long splits (very large batches) the splits are equal, 5 waves' worth.
+# - equal splits, 5 waves' worth (capped at 32 tiles per split), instead when that would
+#   give fewer than 2 long splits (very large batches) or short splits of fewer than 12
+#   tiles: at 8K keys, B = 8 and 32 got 8-tile short splits and were 1-2% slower than with
+#   equal 32-tile splits, while B = 64's 15-tile ones were 1-3% faster (same grid).
 LONG_SPLIT_WAVES_LARGE_BATCH = 4
 LONG_SPLIT_WAVES_SMALL_BATCH = 2
 LONG_SPLIT_RATIO = 4
 SHORT_SPLITS_PER_LONG = 0.5
 WAVES_LARGE_BATCH = 5
 MIN_TILES_PER_SPLIT = 32
+MIN_TILES_PER_SHORT_SPLIT = 12
 MIN_TILES_PER_SPLIT_ONE_WAVE = 16
 _SM_COUNT: dict[int, int] = {}
 
@@ -682,7 +686,9 @@ def split_shape_heuristic(batch: int, num_kv_heads: int, rows_per_kv_head: int, 
     waves = LONG_SPLIT_WAVES_LARGE_BATCH if warps >= sms else LONG_SPLIT_WAVES_SMALL_BATCH
     long = splits_filling_waves(waves, warps, max_seq_len, sms, MIN_TILES_PER_SPLIT)
     short = int(SHORT_SPLITS_PER_LONG * long)
-    if long < 2 or long + short > MAX_SPLITS:
+    tiles = -(-max(max_seq_len, 1) // KV_TILE)
+    short_tiles = -(-tiles // (LONG_SPLIT_RATIO * long + short))  # reference.split_tile_ranges' unit
+    if long < 2 or long + short > MAX_SPLITS or short_tiles < MIN_TILES_PER_SHORT_SPLIT:
         return SplitShape(splits_filling_waves(WAVES_LARGE_BATCH, warps, max_seq_len, sms, MIN_TILES_PER_SPLIT))
     return SplitShape(long + short, long, LONG_SPLIT_RATIO)
 

@@ -126,3 +126,23 @@ def test_decode_split_heuristic_rules(monkeypatch):
     # GQA 64/8 packs 8 rows per KV head into one row tile, like 32/8.
     assert shape(8, 65536, rows=8) == shape(8, 65536, rows=4)
     assert shape(8, 65536, rows=16) == tapered(slots * bd.LONG_SPLIT_WAVES_SMALL_BATCH // 128)  # 2 row tiles: 128 < 132 SMs
+
+
+def test_decode_split_shape_arguments_are_checked():
+    """The wrapper refuses bad split shapes before compiling anything (CPU tensors suffice)."""
+    from vllm_blackwell_sparse import workloads as wl
+    from vllm_blackwell_sparse.kernels import blasst_decode as bd
+
+    case = wl.peaked_attention_case([100, 200], [1, 1], 32, 8, 128, 16)
+    a = [case[n] for n in ("q", "k_cache", "v_cache", "block_table", "seq_lens")]
+    for kwargs, fragment in [
+        (dict(num_splits=4, long_splits=5), "long_splits must be an integer in"),
+        (dict(num_splits=4, long_splits=-1), "long_splits must be an integer in"),
+        (dict(num_splits=4, long_splits=1.5), "long_splits must be an integer in"),
+        (dict(num_splits=4, long_splits=2, long_split_ratio=0), "long_split_ratio must be an integer in"),
+        (dict(num_splits=4, long_splits=2, long_split_ratio=2.5), "long_split_ratio must be an integer in"),
+        (dict(num_splits=4, long_splits=2, long_split_ratio=bd.MAX_LONG_SPLIT_RATIO + 1), "long_split_ratio"),
+        (dict(long_splits=2), "need num_splits"),
+    ]:
+        with pytest.raises(ValueError, match=fragment):
+            bd.blasst_decode(*a, softmax_scale=0.1, **kwargs)

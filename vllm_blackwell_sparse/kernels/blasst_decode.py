@@ -796,8 +796,8 @@ def blasst_decode(
             batch, hkv, hq // hkv * next_n, max_seq_len or (1 << 17), q.device)
     if not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
-    if not 0 <= long_splits <= num_splits:
-        raise ValueError(f"long_splits must be in [0, num_splits={num_splits}], got {long_splits}")
+    if not 0 <= long_splits <= num_splits or long_splits != int(long_splits):
+        raise ValueError(f"long_splits must be an integer in [0, num_splits={num_splits}], got {long_splits}")
     if not 1 <= long_split_ratio <= MAX_LONG_SPLIT_RATIO or long_split_ratio != int(long_split_ratio):
         raise ValueError(f"long_split_ratio must be an integer in [1, {MAX_LONG_SPLIT_RATIO}], got {long_split_ratio}")
     final = num_splits == 1

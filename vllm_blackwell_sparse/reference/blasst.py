@@ -32,8 +32,9 @@ Split-KV: the visited tiles ``[0, n_tiles)`` are cut into ``num_splits`` contigu
 ranges (:func:`split_tile_ranges`): by default of ``ceil(n_tiles / num_splits)`` tiles
 each; with ``long_splits = L > 0`` the first ``L`` ranges are ``long_split_ratio`` times
 as long as the rest (a kernel that dispatches splits in order then ends on short ones).
-Each split has its own running statistics and its first visited tile is never skipped. Splits are merged with their
-log-sum-exp. ``visit_order`` is the order the kernel walks the tiles of a split.
+Each split has its own running statistics and its first visited tile is never skipped.
+Splits are merged with their log-sum-exp. ``visit_order`` is the order the kernel walks
+the tiles of a split.
 With causal masking, tiles entirely past the causal limit of the row group are not
 visited at all (a kernel does not load them) and so are neither eligible nor skipped.
 """

@@ -28,13 +28,12 @@ the heuristic chose before long splits (``u:3`` below one (request, KV head) per
 """
 
 import argparse
-import json
 import time
 
 import torch
 
-from decode_variants import cell_inputs, load_module
-from vllm_blackwell_sparse.bench.decode import calibrate_factors, interleaved_medians, speedup_bar, vllm_fa_decode
+from decode_variants import cell_inputs, load_module, save_and_release, sparsity_columns, variant_runner
+from vllm_blackwell_sparse.bench.decode import calibrate_factors, interleaved_medians, vllm_fa_decode
 from vllm_blackwell_sparse.bench.topk import environment
 from vllm_blackwell_sparse.kernels import blasst_decode as bd
 
@@ -87,13 +86,7 @@ def main():
         if base_mod is not None:
             variants["baseline"] = (base_mod, dict(num_splits=previous[0]))
         outs = {name: torch.empty_like(q) for name in variants}
-
-        def run(name, factor, count=False):
-            mod, kw = variants[name]
-            if count:
-                counts.zero_()
-            return mod.blasst_decode(q, kc, vc, table, lens, softmax_scale=scale, threshold_scale_factor=factor,
-                                     out=outs[name], workspace=ws, skip_counts=counts if count else None, **kw)
+        run = variant_runner(variants, outs, q, kc, vc, table, lens, scale, ws, counts)
 
         fa3_out = torch.empty_like(q)
         fns = {"fa3": vllm_fa_decode(w, fa3_out, 3, ctx)}
@@ -119,16 +112,10 @@ def main():
             kw = variants[name][1]
             line = (f"  {name:>11} S{kw['num_splits']:>3} L{kw.get('long_splits', 0):>3} R{kw.get('long_split_ratio', 1)}:"
                     f" dense {times[f'dense|{name}']:.1f}")
-            for sp, v in found[name].items():
-                t = times[f"s{sp}|{name}"]
-                line += f" | s{v['sparsity']:.3f} {t:.1f} x{fa3 / t:.3f} (bar {speedup_bar(v['sparsity']):.3f})"
-            print(line, flush=True)
-        with open(a.out, "w") as fh:
-            json.dump(res, fh, indent=1)
+            reached = [(sp, v["sparsity"]) for sp, v in found[name].items()]
+            print(line + sparsity_columns(times, fa3, name, reached), flush=True)
         w = q = kc = vc = ws = ref = None
-        outs.clear()
-        fns.clear()  # their closures hold the cache
-        torch.cuda.empty_cache()
+        save_and_release(a.out, res, outs, fns)  # fns: their closures hold the cache
 
 
 if __name__ == "__main__":

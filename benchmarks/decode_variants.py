@@ -62,6 +62,39 @@ def cell_inputs(batch: int, ctx: int, hq: int, page: int, hkv: int = 8, d: int =
     return w, q, kc, vc, table, lens, d ** -0.5, shape, ws, counts
 
 
+def variant_runner(variants: dict, outs: dict, q, kc, vc, table, lens, scale, ws, counts, **common):
+    """``run(name, factor, count=False)``: variant ``name`` (``variants[name] = (module,
+    kwargs)``) on one cell's inputs into ``outs[name]``, with ``common`` kwargs (e.g. the
+    split shape); ``count``: its skip counters zeroed into ``counts``."""
+    def run(name, factor, count=False):
+        mod, kw = variants[name]
+        if count:
+            counts.zero_()
+        return mod.blasst_decode(q, kc, vc, table, lens, softmax_scale=scale, threshold_scale_factor=factor,
+                                 out=outs[name], workspace=ws, skip_counts=counts if count else None, **common, **kw)
+    return run
+
+
+def sparsity_columns(times: dict, fa3: float, name: str, reached) -> str:
+    """`` | sS US xSPEEDUP (bar BAR)`` for each ``(target, sparsity reached)`` of ``reached``,
+    from the ``times`` keys ``"s{target}|{name}"``, speedups over ``fa3`` µs."""
+    line = ""
+    for target, got in reached:
+        t = times[f"s{target}|{name}"]
+        line += f" | s{got:.3f} {t:.1f} x{fa3 / t:.3f} (bar {speedup_bar(got):.3f})"
+    return line
+
+
+def save_and_release(path: str, res: dict, *containers):
+    """Write ``res`` as JSON and drop one cell's GPU tensors held by ``containers`` (dicts
+    of outputs, of timed closures) so the next cell's cache fits."""
+    with open(path, "w") as fh:
+        json.dump(res, fh, indent=1)
+    for c in containers:
+        c.clear()
+    torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -95,14 +128,7 @@ def main():
         t0 = time.time()
         w, q, kc, vc, table, lens, scale, shape, ws, counts = cell_inputs(batch, ctx, hq, page, hkv, d)
         outs = {name: torch.empty_like(q) for name in variants}
-
-        def run(name, factor, count=False):
-            mod, kw = variants[name]
-            if count:
-                counts.zero_()
-            return mod.blasst_decode(q, kc, vc, table, lens, softmax_scale=scale, threshold_scale_factor=factor,
-                                     out=outs[name], workspace=ws, skip_counts=counts if count else None,
-                                     **shape._asdict(), **kw)
+        run = variant_runner(variants, outs, q, kc, vc, table, lens, scale, ws, counts, **shape._asdict())
 
         first = next(iter(variants))
 
@@ -133,16 +159,9 @@ def main():
               + (f" NOT IDENTICAL: {bad}" if bad else " outputs identical"), flush=True)
         for name in variants:
             line = f"  {name:>12}: dense {times[f'dense|{name}']:.0f} (x{fa3 / times[f'dense|{name}']:.3f})"
-            for sp, (_, got) in factors.items():
-                t = times[f"s{sp}|{name}"]
-                line += f" | s{got:.2f} {t:.0f} x{fa3 / t:.3f} (bar {speedup_bar(got):.3f})"
-            print(line, flush=True)
-        with open(a.out, "w") as fh:
-            json.dump(res, fh, indent=1)
+            print(line + sparsity_columns(times, fa3, name, [(sp, got) for sp, (_, got) in factors.items()]), flush=True)
         w = q = kc = vc = ws = ref = None
-        outs.clear()
-        fns.clear()  # their closures hold the cache
-        torch.cuda.empty_cache()
+        save_and_release(a.out, res, outs, fns)  # fns: their closures hold the cache
 
 
 if __name__ == "__main__":

@@ -148,13 +148,16 @@ def test_speedup_bar_is_the_issues():
     assert round(speedup_bar(0.73), 2) == 1.42 and round(speedup_bar(0.7), 3) == 1.385 and speedup_bar(0.0) == 0.9
 
 
-def test_decode_bench_refuses_a_timing_that_includes_the_host_launch(monkeypatch):
-    """gpu_call_us keeps a time only when the GPU's spin outlasted the host's launch of the call."""
-    from vllm_blackwell_sparse.bench import decode
+def test_bench_timing_refuses_a_timing_that_includes_the_host_launch(monkeypatch):
+    """checked_gpu_us (behind the decode and top-k benchmarks) keeps a time only when the
+    GPU's spin outlasted the host's enqueueing of the inputs and the call."""
+    from vllm_blackwell_sparse.bench import decode, timing
 
-    monkeypatch.setattr(decode, "spin_us", lambda: 1000.0)  # the spin lasts 1 ms
-    monkeypatch.setattr(decode, "gpu_us", lambda fn, cycles: (250.0, 400.0))  # (GPU µs, host µs)
+    monkeypatch.setattr(timing, "spin_us", lambda cycles: cycles / 2000)  # 2000 cycles per µs
+    monkeypatch.setattr(timing, "gpu_us", lambda fn, cycles, before=None: (250.0, 400.0))  # (GPU µs, host µs)
     assert decode.gpu_call_us(lambda: None) == 250.0
-    monkeypatch.setattr(decode, "gpu_us", lambda fn, cycles: (250.0, 950.0))
-    with pytest.raises(RuntimeError, match="raise bench.decode.SPIN_CYCLES"):
+    assert timing.checked_gpu_us(lambda: None, 2_000_000, before=lambda: None) == 250.0
+    monkeypatch.setattr(timing, "gpu_us", lambda fn, cycles, before=None: (250.0, 950.0))
+    with pytest.raises(RuntimeError, match="raise the caller's SPIN_CYCLES"):
         decode.gpu_call_us(lambda: None)
+    assert timing.checked_gpu_us(lambda: None, 4_000_000) == 250.0  # a 2 ms spin covers it

@@ -14,7 +14,6 @@ them. ``us_with_launch`` is the time an eager caller waits (host launch included
 for reference: benchmark results before 2026-12-01 reported that one.
 """
 
-import functools
 import json
 import math
 import statistics
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 from vllm_blackwell_sparse import workloads
-from vllm_blackwell_sparse.bench.timing import event_us, gpu_us
+from vllm_blackwell_sparse.bench.timing import checked_gpu_us, event_us
 from vllm_blackwell_sparse.bench.topk import environment
 
 DEFAULT_BATCHES = (1, 8, 32, 64)
@@ -34,26 +33,15 @@ DEFAULT_SPARSITIES = (0.5, 0.7, 0.9)
 HEAD_DIM = 128
 
 
-# The GPU spins this long before each timed call (bench.timing.gpu_us): ~1 ms at the
+# The GPU spins this long before each timed call (bench.timing.checked_gpu_us): ~1 ms at the
 # H200's clock, far above the host time of any decode wrapper timed here (checked per call).
 SPIN_CYCLES = 2_000_000
 
 
-@functools.cache
-def spin_us() -> float:
-    """How long the GPU spins for ``SPIN_CYCLES`` (µs), measured once."""
-    return event_us(lambda: torch.cuda._sleep(SPIN_CYCLES))
-
-
 def gpu_call_us(fn) -> float:
-    """GPU µs of one call of ``fn`` (bench.timing.gpu_us), refusing a measurement in which
-    the host took longer to launch the call than the GPU spent spinning: that one would
-    include host time after all."""
-    t, host = gpu_us(fn, SPIN_CYCLES)
-    if host > 0.9 * spin_us():
-        raise RuntimeError(f"the host took {host:.0f} µs to launch the timed call, the GPU spun only "
-                           f"{spin_us():.0f} µs: raise bench.decode.SPIN_CYCLES")
-    return t
+    """GPU µs of one call of ``fn`` (bench.timing.checked_gpu_us: the host's launch hidden
+    behind a spin, refused if it outlasted the spin)."""
+    return checked_gpu_us(fn, SPIN_CYCLES)
 
 
 def time_us(fn, iters: int, warmup: int, *, with_launch: bool = False) -> float:

@@ -11,6 +11,7 @@ Two ways to time one call of a wrapper that launches GPU work:
   CUDA-graph replay, the way vLLM runs decode, costs; the benchmarks compare kernels on it.
 """
 
+import functools
 import time
 
 import torch
@@ -26,15 +27,36 @@ def event_us(fn) -> float:
     return start.elapsed_time(end) * 1e3
 
 
-def gpu_us(fn, spin_cycles: int) -> tuple[float, float]:
+def gpu_us(fn, spin_cycles: int, before=None) -> tuple[float, float]:
     """(GPU µs, host µs) of one call of ``fn``: the GPU spins ``spin_cycles`` clocks first,
-    which must outlast the host µs (returned so that callers can check it did)."""
+    which must outlast the host µs (returned so that callers can check it did). ``before``
+    (untimed GPU work, e.g. writing the inputs) is enqueued between the spin and the start
+    event; its host time counts in the host µs, since the spin must cover it too."""
     torch.cuda._sleep(spin_cycles)
-    host = []
+    t0 = time.perf_counter()
+    if before is not None:
+        before()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    host = (time.perf_counter() - t0) * 1e6
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3, host
 
-    def host_timed():
-        t0 = time.perf_counter()
-        fn()
-        host.append((time.perf_counter() - t0) * 1e6)
 
-    return event_us(host_timed), host[0]
+@functools.cache
+def spin_us(spin_cycles: int) -> float:
+    """How long the GPU spins for ``spin_cycles`` clocks (µs), measured once per count."""
+    return event_us(lambda: torch.cuda._sleep(spin_cycles))
+
+
+def checked_gpu_us(fn, spin_cycles: int, before=None) -> float:
+    """:func:`gpu_us`, refusing a measurement in which the host took longer to enqueue
+    ``before`` and launch the call than the GPU spent spinning: that one would include host
+    time after all."""
+    t, host = gpu_us(fn, spin_cycles, before)
+    if host > 0.9 * spin_us(spin_cycles):
+        raise RuntimeError(f"the host took {host:.0f} µs to launch the timed call, the GPU spun only "
+                           f"{spin_us(spin_cycles):.0f} µs ({spin_cycles} cycles): raise the caller's SPIN_CYCLES")
+    return t

@@ -24,13 +24,16 @@ from typing import Callable
 
 import torch
 
-from vllm_blackwell_sparse.bench.timing import event_us
+from vllm_blackwell_sparse.bench.timing import checked_gpu_us
 from vllm_blackwell_sparse.workloads import DSA_TRACE_PRESETS, DsaTraceParams, dsa_decode_trace, topk_overlap
 
 DEFAULT_BATCHES = (1, 8, 32, 64, 128)
 DEFAULT_NS = (16384, 32768, 65536, 131072)
 FLUSH_BYTES = 256 * 1024 * 1024
-SPIN_CYCLES = 200_000  # ~100 µs at the H200's clock
+# The GPU spins this long before each timed call (bench.timing.checked_gpu_us, which checks
+# that the host's enqueueing fit in it): ~1 ms at the H200's clock. Results before
+# 2026-12-01's fifth session spun 200_000 cycles (~100 µs) without that check.
+SPIN_CYCLES = 2_000_000
 
 
 def parse_gvr_config(spec: str) -> dict:
@@ -142,13 +145,14 @@ def time_kernel(fn: Callable, x: torch.Tensor, src: torch.Tensor, lens, out, *, 
     flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.float32, device="cuda") if l2 == "cold" else None
     times = []
     for i in range(warmup + iters):
-        # Keep the GPU busy while the host enqueues, so the events time the kernel and
-        # not the Python launch overhead of whichever wrapper is being measured.
-        torch.cuda._sleep(SPIN_CYCLES)
-        x.copy_(src)  # the "indexer" writes the logits
-        if flush is not None:
-            flush.fill_(float(i))
-        t = event_us(lambda: fn(x, lens, out))
+        def write_inputs(i=i):
+            x.copy_(src)  # the "indexer" writes the logits
+            if flush is not None:
+                flush.fill_(float(i))
+
+        # The GPU spins while the host enqueues, so the events time the kernel and not the
+        # Python launch overhead of whichever wrapper is being measured.
+        t = checked_gpu_us(lambda: fn(x, lens, out), SPIN_CYCLES, before=write_inputs)
         if i >= warmup:
             times.append(t)
     return statistics.median(times)

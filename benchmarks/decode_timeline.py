@@ -22,16 +22,14 @@ to ``--sparsity``) it reports:
 """
 
 import argparse
-import importlib.util
 import json
-import pathlib
 import sys
-import tempfile
 
 import numpy as np
 import torch
 
 from decode_variants import cell_inputs
+from instrument import instrumented_copy, unwrap_globaltimer
 from vllm_blackwell_sparse.bench.decode import calibrate_factors
 from vllm_blackwell_sparse.bench.topk import environment
 from vllm_blackwell_sparse.kernels import blasst_decode as bd
@@ -71,33 +69,15 @@ _DECISION_WRITE = (
 
 def instrumented_module():
     """Import the timeline copy of the decode kernel module (see the module docstring)."""
-    src = pathlib.Path(bd.__file__).read_text()
-    for anchor, text in _INSERTS + [(_DECISION_WRITE, "")]:
-        if src.count(anchor) != 1:
-            raise SystemExit(f"decode_timeline: anchor not found once in {bd.__file__}:\n{anchor}"
-                             "(the kernel changed: update _INSERTS)")
-    for anchor, text in _INSERTS:
-        if text is None:
-            src = src.replace(anchor, "            tl_c2 = cute.arch.clock()\n" + anchor)
-        else:
-            src = src.replace(anchor, anchor + text)
-    src = src.replace(_DECISION_WRITE, "")
-    path = pathlib.Path(tempfile.mkdtemp()) / "blasst_decode_timeline.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location("blasst_decode_timeline", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    edits = [(anchor, (anchor + text) if text is not None else ("            tl_c2 = cute.arch.clock()\n" + anchor))
+             for anchor, text in _INSERTS]
+    return instrumented_copy(bd.__file__, edits + [(_DECISION_WRITE, "")], "blasst_decode_timeline")
 
 
 def summarize(stamps: np.ndarray, slots: int) -> dict:
     """Summary of one timeline (``[CTAs, STAMPS]`` int64, see the module docstring)."""
     u32 = 1 << 32
-    gt0, gt1 = stamps[:, 0] % u32, stamps[:, 7] % u32
-    # The stamps are the timer's low 32 bits (ns, wrapping every 4.3 s): unwrap around the
-    # first CTA's entry, then each exit after its own entry.
-    gt0 = gt0[0] + (gt0 - gt0[0] + u32 // 2) % u32 - u32 // 2
-    gt1 = gt0 + (gt1 - gt0) % u32
+    gt0, gt1 = unwrap_globaltimer(stamps[:, 0], stamps[:, 7])
     start, end = (gt0 - gt0.min()) / 1e3, (gt1 - gt0.min()) / 1e3  # µs from the first entry
     dur = end - start
     clk = [stamps[:, i] % u32 for i in (2, 3, 4, 5)]

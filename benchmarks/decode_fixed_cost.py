@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from decode_variants import cell_inputs, load_module
+from decode_variants import cell_inputs, load_module, module_shape_kwargs
 from vllm_blackwell_sparse.bench.decode import calibrate_factors, interleaved_medians, vllm_fa_decode
 from vllm_blackwell_sparse.bench.topk import environment
 from vllm_blackwell_sparse.kernels import blasst_decode as bd
@@ -62,7 +62,7 @@ def main():
                 counts.zero_()
             return mod.blasst_decode(q, kc, vc, table, lens, softmax_scale=scale, threshold_scale_factor=factor,
                                      out=out, workspace=ws, skip_counts=counts if count else None,
-                                     **shape._asdict())
+                                     **module_shape_kwargs(mod, shape._asdict()))
 
         factors = calibrate_factors(lambda f: call(f, count=True), counts, [a.sparsity], float(ctx))
         if not factors:

@@ -12,10 +12,11 @@ and its speedup is judged against the bar at the sparsity it reached.
 Shapes (``--shapes``), with W counted in waves of resident warps
 (``bd.splits_filling_waves``):
 
-* ``u:W``: W waves of equal splits (the heuristic's shape is ``u:3`` at B = 8 and
-  ``u:5`` at B >= 32);
+* ``u:W``: W waves of equal splits (the heuristic's shape before long splits was ``u:3``
+  at B = 8 and ``u:5`` at B >= 32);
 * ``t:W:F:R``: W waves of long splits, then ``round(F * long)`` short splits, the long
-  ones R times as long.
+  ones R times as long (the heuristic's shape is ``t:2:0.5:4`` at B = 8, ``t:4:0.5:4`` at
+  B >= 32 when the short splits keep at least 12 tiles).
 
 The heuristic's own shape (``bd.split_shape_heuristic``) is always timed, as
 ``heuristic``. ``--baseline-module PATH`` adds another copy of the kernel module (e.g.
@@ -114,8 +115,8 @@ def main():
                     f" dense {times[f'dense|{name}']:.1f}")
             reached = [(sp, v["sparsity"]) for sp, v in found[name].items()]
             print(line + sparsity_columns(times, fa3, name, reached), flush=True)
-        w = q = kc = vc = ws = ref = None
-        save_and_release(a.out, res, outs, fns)  # fns: their closures hold the cache
+        w = q = kc = vc = ws = ref = run = None  # run's closure holds the cache, and so do fns
+        save_and_release(a.out, res, outs, fns)
 
 
 if __name__ == "__main__":

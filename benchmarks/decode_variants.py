@@ -4,8 +4,9 @@ modified copy of the kernel module against the committed one.
 For each cell of ``workloads.peaked_decode_batch`` (d 128, bf16) it times -- interleaved
 round by round on the same cache, so drift hits all alike -- vLLM's FA3 and every kernel
 variant dense and at the factors calibrated to ~0.7 / 0.9 skipped tiles. All variants
-use the heuristic's split shape, so they take the same skip decisions (a module copy must
-take ``long_splits`` / ``long_split_ratio``: this script's kernel API); variants that accumulate
+use the heuristic's split shape, so they take the same skip decisions (a module copy from
+before long splits, ``4349a65``, can run only a cell whose shape has equal splits; the
+script says so and stops otherwise); variants that accumulate
 in the same order give bit-identical outputs, and the script reports, per variant,
 whether its output equals the first variant's. ``--module NAME=PATH`` (repeatable) adds another copy of the kernel
 module (e.g. an older commit's ``blasst_decode.py``, or an edited one) as variant ``NAME``, run with the default
@@ -17,6 +18,7 @@ ring depth and warps; ``--baseline-module PATH`` is ``--module baseline=PATH``. 
 
 import argparse
 import importlib.util
+import inspect
 import json
 import re
 import time
@@ -62,16 +64,32 @@ def cell_inputs(batch: int, ctx: int, hq: int, page: int, hkv: int = 8, d: int =
     return w, q, kc, vc, table, lens, d ** -0.5, shape, ws, counts
 
 
-def variant_runner(variants: dict, outs: dict, q, kc, vc, table, lens, scale, ws, counts, **common):
+def module_shape_kwargs(mod, shape: dict) -> dict:
+    """``shape`` (``bd.SplitShape._asdict()``) as ``mod.blasst_decode`` keyword arguments: a
+    module copy from before long splits takes ``num_splits`` alone, so only equal splits."""
+    if "long_splits" in inspect.signature(mod.blasst_decode).parameters:
+        return dict(shape)
+    if shape.get("long_splits", 0) == 0:
+        return {"num_splits": shape["num_splits"]}
+    raise SystemExit(f"{mod.__file__} predates long splits (its blasst_decode has no long_splits) and cannot "
+                     f"run the split shape {shape}")
+
+
+def variant_runner(variants: dict, outs: dict, q, kc, vc, table, lens, scale, ws, counts, shape: dict | None = None):
     """``run(name, factor, count=False)``: variant ``name`` (``variants[name] = (module,
-    kwargs)``) on one cell's inputs into ``outs[name]``, with ``common`` kwargs (e.g. the
-    split shape); ``count``: its skip counters zeroed into ``counts``."""
+    kwargs)``) on one cell's inputs into ``outs[name]``, with the split ``shape`` for every
+    variant (:func:`module_shape_kwargs`) or, without it, the variant's own kwargs only;
+    ``count``: its skip counters zeroed into ``counts``. The closure holds the cell's cache:
+    drop it before the next cell's inputs are built."""
+    shaped = {name: module_shape_kwargs(mod, shape) if shape else {} for name, (mod, _) in variants.items()}
+
     def run(name, factor, count=False):
         mod, kw = variants[name]
         if count:
             counts.zero_()
         return mod.blasst_decode(q, kc, vc, table, lens, softmax_scale=scale, threshold_scale_factor=factor,
-                                 out=outs[name], workspace=ws, skip_counts=counts if count else None, **common, **kw)
+                                 out=outs[name], workspace=ws, skip_counts=counts if count else None,
+                                 **shaped[name], **kw)
     return run
 
 
@@ -128,7 +146,7 @@ def main():
         t0 = time.time()
         w, q, kc, vc, table, lens, scale, shape, ws, counts = cell_inputs(batch, ctx, hq, page, hkv, d)
         outs = {name: torch.empty_like(q) for name in variants}
-        run = variant_runner(variants, outs, q, kc, vc, table, lens, scale, ws, counts, **shape._asdict())
+        run = variant_runner(variants, outs, q, kc, vc, table, lens, scale, ws, counts, shape._asdict())
 
         first = next(iter(variants))
 
@@ -160,8 +178,8 @@ def main():
         for name in variants:
             line = f"  {name:>12}: dense {times[f'dense|{name}']:.0f} (x{fa3 / times[f'dense|{name}']:.3f})"
             print(line + sparsity_columns(times, fa3, name, [(sp, got) for sp, (_, got) in factors.items()]), flush=True)
-        w = q = kc = vc = ws = ref = None
-        save_and_release(a.out, res, outs, fns)  # fns: their closures hold the cache
+        w = q = kc = vc = ws = ref = run = None  # run's closure holds the cache, and so do fns
+        save_and_release(a.out, res, outs, fns)
 
 
 if __name__ == "__main__":

@@ -143,6 +143,7 @@ def test_decode_split_shape_arguments_are_checked():
         (dict(num_splits=4, long_splits=2, long_split_ratio=2.5), "long_split_ratio must be an integer in"),
         (dict(num_splits=4, long_splits=2, long_split_ratio=bd.MAX_LONG_SPLIT_RATIO + 1), "long_split_ratio"),
         (dict(long_splits=2), "need num_splits"),
+        (dict(num_splits=2.5), "num_splits must be an integer in"),
     ]:
         with pytest.raises(ValueError, match=fragment):
             bd.blasst_decode(*a, softmax_scale=0.1, **kwargs)

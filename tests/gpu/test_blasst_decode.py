@@ -153,6 +153,27 @@ def test_zero_length_request_gives_zeros():
     assert out[1].abs().max().item() == 0.0 and out[0].abs().max().item() > 0
 
 
+def test_heuristic_split_shape_reaches_the_kernel():
+    """Without num_splits the wrapper runs the heuristic's long-then-short shape (the path
+    the backend takes): bit-identical to passing that shape explicitly, whose ranges the
+    oracle tests check, and different from equal splits with the same count."""
+    b, ctx, hq, hkv, d, bs = 8, 32768, 32, 8, 128, 16
+    w = wl.peaked_decode_batch(b, ctx, hq, hkv, d, bs, device=DEV,
+                               params=wl.PeakedAttentionParams(seed=random.randrange(1 << 30)))
+    args = [w[n] for n in ("q", "k_cache", "v_cache", "block_table", "seq_lens")]
+    shape = bd.split_shape_heuristic(b, hkv, hq // hkv, ctx, DEV)
+    assert shape.long_splits > 0, shape  # the H200's 132 SMs: 33 long + 16 short splits
+    counts = {name: torch.zeros(b, 2, dtype=torch.int32, device=DEV) for name in ("auto", "explicit", "equal")}
+    auto = bd.blasst_decode(*args, softmax_scale=d ** -0.5, threshold_scale_factor=50.0, max_seq_len=ctx,
+                            skip_counts=counts["auto"])
+    explicit = bd.blasst_decode(*args, softmax_scale=d ** -0.5, threshold_scale_factor=50.0,
+                                skip_counts=counts["explicit"], **shape._asdict())
+    equal = bd.blasst_decode(*args, softmax_scale=d ** -0.5, threshold_scale_factor=50.0,
+                             num_splits=shape.num_splits, skip_counts=counts["equal"])
+    assert torch.equal(auto, explicit) and torch.equal(counts["auto"], counts["explicit"])
+    assert not torch.equal(counts["auto"], counts["equal"])  # other ranges, other decisions
+
+
 def test_cuda_graph_capture_and_replay():
     b, hq, hkv, d, bs, splits = 4, 32, 8, 128, 16, 6
     w = wl.peaked_decode_batch(b, 3000, hq, hkv, d, bs, device=DEV)
@@ -197,7 +218,7 @@ def test_bad_input_is_refused(mutate, fragment):
 def test_too_many_splits_and_bad_workspace_are_refused():
     case = wl.peaked_attention_case([100, 200], [1, 1], 32, 8, 128, 16, device=DEV)
     a = [case[n] for n in ("q", "k_cache", "v_cache", "block_table", "seq_lens")]
-    with pytest.raises(ValueError, match="num_splits must be in"):
+    with pytest.raises(ValueError, match="num_splits must be an integer in"):
         bd.blasst_decode(*a, softmax_scale=0.1, num_splits=bd.MAX_SPLITS + 1)
     o_part, lse_part = bd.decode_workspace(4, 2, 32, 128, DEV)
     for ws in ((o_part, lse_part[:, :1]), (o_part.transpose(1, 2).contiguous().transpose(1, 2), lse_part),

@@ -92,7 +92,7 @@ def _kernel_module():
         return x + cute.arch.shuffle_sync_bfly(x, offset=2)
 
     class BlasstDecodeSm90:
-        """One warp per (split, KV head x 8-row tile, request); see the module docstring.
+        """One warp per (KV head x 8-row tile, request, split); see the module docstring.
 
         Compile-time: head dim, GQA group size, query tokens per request, page size,
         dtype, whether a threshold is compiled in, whether skip counters are written,
@@ -649,7 +649,7 @@ def _check_static(head_dim, group, next_n, block_size, dtype):
 #   calibrated factor: 1.9-2.6% faster than the previous equal splits (3 waves at B = 8,
 #   5 at B >= 32) at B = 8 x 32K / 64K, 2.5-2.6% at B = 32, 3.5-4% at B = 64; dense unchanged
 #   within 0.6%. No long split of the longest request is shorter than 32 tiles (512 keys).
-# - equal splits, 5 waves' worth (capped at 32 tiles per split), instead when that would
+# - equal splits, 5 waves' worth (none shorter than 32 tiles), instead when that would
 #   give fewer than 2 long splits (very large batches) or short splits of fewer than 12
 #   tiles: at 8K keys, B = 8 and 32 got 8-tile short splits and were 1-2% slower than with
 #   equal 32-tile splits, while B = 64's 15-tile ones were 1-3% faster (same grid).
@@ -794,12 +794,13 @@ def blasst_decode(
                              "split_shape_heuristic")
         num_splits, long_splits, long_split_ratio = split_shape_heuristic(
             batch, hkv, hq // hkv * next_n, max_seq_len or (1 << 17), q.device)
-    if not 1 <= num_splits <= MAX_SPLITS:
-        raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
+    if not 1 <= num_splits <= MAX_SPLITS or num_splits != int(num_splits):
+        raise ValueError(f"num_splits must be an integer in [1, {MAX_SPLITS}], got {num_splits}")
     if not 0 <= long_splits <= num_splits or long_splits != int(long_splits):
         raise ValueError(f"long_splits must be an integer in [0, num_splits={num_splits}], got {long_splits}")
     if not 1 <= long_split_ratio <= MAX_LONG_SPLIT_RATIO or long_split_ratio != int(long_split_ratio):
         raise ValueError(f"long_split_ratio must be an integer in [1, {MAX_LONG_SPLIT_RATIO}], got {long_split_ratio}")
+    num_splits, long_splits, long_split_ratio = int(num_splits), int(long_splits), int(long_split_ratio)
     final = num_splits == 1
     if workspace is None:
         workspace = decode_workspace(num_splits if not final else 1, tokens if not final else 1, hq if not final else 1, d, q.device)

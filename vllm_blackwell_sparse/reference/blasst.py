@@ -128,10 +128,10 @@ def split_tile_ranges(n_tiles: int, num_splits: int, long_splits: int = 0, long_
 
 
 def _check_split_shape(num_splits, long_splits, long_split_ratio):
-    if num_splits < 1:
-        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    if not 0 <= long_splits <= num_splits:
-        raise ValueError(f"long_splits must be in [0, num_splits={num_splits}], got {long_splits}")
+    if num_splits < 1 or num_splits != int(num_splits):
+        raise ValueError(f"num_splits must be an integer >= 1, got {num_splits}")
+    if not 0 <= long_splits <= num_splits or long_splits != int(long_splits):
+        raise ValueError(f"long_splits must be an integer in [0, num_splits={num_splits}], got {long_splits}")
     if long_split_ratio < 1 or long_split_ratio != int(long_split_ratio):
         raise ValueError(f"long_split_ratio must be an integer >= 1, got {long_split_ratio}")
 

@@ -646,7 +646,7 @@ def _check_static(head_dim, group, next_n, block_size, dtype):
 #   the slots that finish early take short work instead of idling while the slowest long
 #   splits end (with equal splits ~13% of the warp slots idled at B = 8 x 32K, s 0.7;
 #   benchmarks/decode_timeline.py). Measured 2026-12-01 at s 0.7, each shape at its own
-#   calibrated factor: 1.9-2.6% faster than the previous equal splits (3 waves at B = 8,
+#   calibrated factor: 1.9-2.7% faster than the previous equal splits (3 waves at B = 8,
 #   5 at B >= 32) at B = 8 x 32K / 64K, 2.5-2.6% at B = 32, 3.5-4% at B = 64; dense unchanged
 #   within 0.6%. No long split of the longest request is shorter than 32 tiles (512 keys).
 # - equal splits, 5 waves' worth (none shorter than 32 tiles), instead when that would

@@ -29,9 +29,10 @@ import numpy as np
 import torch
 
 from instrument import instrumented_copy, unwrap_globaltimer
+from topk_variants import trace_cell
 from vllm_blackwell_sparse.bench.topk import environment, inexact_reason, time_kernel, topk_kernels
 from vllm_blackwell_sparse.kernels import gvr_topk as gt
-from vllm_blackwell_sparse.workloads import DSA_TRACE_PRESETS, DsaTraceParams, dsa_decode_trace, topk_overlap
+from vllm_blackwell_sparse.workloads import DSA_TRACE_PRESETS, DsaTraceParams, topk_overlap
 
 STAMPS = 12  # gt_entry, smid, clk entry/stats/verify/offsets/emit/refine, rounds, shift, in_bin, gt_exit
 PHASES = ("stats", "verify", "offsets", "emit", "refine")  # clock columns 3..7, each from the previous one
@@ -126,12 +127,7 @@ def main():
             print(f"{cell}: the default kernel is the one-CTA kernel (not instrumented); give --ctas", flush=True)
             continue
         per_thread = gt.cluster_columns_per_thread(n, ctas, threads)
-        prev, cur = dsa_decode_trace(rows, n, 2, params, device="cuda")
-        src = cur.contiguous()
-        lens = torch.full((rows, 1), n, dtype=torch.int32, device="cuda")
-        hint = torch.topk(prev, K, dim=1).indices.int().contiguous()
-        top = torch.topk(src, K, dim=1)
-        want = torch.sort(top.values, 1).values
+        src, lens, hint, top, want = trace_cell(rows, n, K, params)
         fn = tl.compile_gvr_topk_cluster(K, has_hint=True, use_row_slot=False, per_thread=per_thread,
                                          ctas_per_row=ctas, threads=threads)
         wide = torch.full((rows, K + 8 * STAMPS), -1, dtype=torch.int32, device="cuda")

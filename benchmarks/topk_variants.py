@@ -23,6 +23,18 @@ CELLS = [(1, 65536), (1, 131072), (8, 131072), (32, 65536), (32, 131072), (64, 6
          (128, 131072)]
 
 
+def trace_cell(rows: int, n: int, k: int, params: DsaTraceParams):
+    """One cell of the DSA trace: the current step's logits ``src`` ``[rows, n]``, lengths
+    ``[rows, 1]``, the true hint (the previous step's top-k, int32), torch.topk of ``src``
+    and its sorted values (what every kernel's result is checked against)."""
+    prev, cur = dsa_decode_trace(rows, n, 2, params, device="cuda")
+    src = cur.contiguous()
+    lens = torch.full((rows, 1), n, dtype=torch.int32, device="cuda")
+    hint = torch.topk(prev, k, dim=1).indices.int().contiguous()
+    top = torch.topk(src, k, dim=1)
+    return src, lens, hint, top, torch.sort(top.values, 1).values
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -43,12 +55,7 @@ def main():
     params = DsaTraceParams(query_drift=DSA_TRACE_PRESETS["middle_layers"])
     res = {"environment": environment(), "args": vars(a), "trace": params.__dict__, "cells": []}
     for rows, n in cells:
-        prev, cur = dsa_decode_trace(rows, n, 2, params, device="cuda")
-        src = cur.contiguous()
-        lens = torch.full((rows, 1), n, dtype=torch.int32, device="cuda")
-        hint = torch.topk(prev, k, dim=1).indices.int().contiguous()
-        top = torch.topk(src, k, dim=1)
-        want = torch.sort(top.values, 1).values
+        src, lens, hint, top, want = trace_cell(rows, n, k, params)
         fns = {name: (lambda x, ln, o, m=mod: m.gvr_topk(x, ln, k, hint=hint, out=o)) for name, mod in modules.items()}
         fns["vllm_choice"] = topk_kernels(rows, k)["vllm_choice"]
         x = torch.empty_like(src)

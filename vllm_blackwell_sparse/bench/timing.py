@@ -61,5 +61,5 @@ def checked_gpu_us(fn, spin_cycles: int, before=None, attempts: int = 3) -> floa
         if host <= 0.9 * spin_us(spin_cycles):
             return t
     raise RuntimeError(f"the host took {host:.0f} µs to launch the timed call, the GPU spun only "
-                           f"{spin_us(spin_cycles):.0f} µs ({spin_cycles} cycles), {attempts} times in a row: "
-                           "raise the caller's SPIN_CYCLES")
+                       f"{spin_us(spin_cycles):.0f} µs ({spin_cycles} cycles), {attempts} times in a row: "
+                       "raise the caller's SPIN_CYCLES")

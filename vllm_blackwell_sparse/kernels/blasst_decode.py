@@ -51,6 +51,7 @@ from typing import NamedTuple
 import torch
 
 from vllm_blackwell_sparse.kernels import target_arch
+from vllm_blackwell_sparse.reference.blasst import split_unit  # the split rule's unit, shared with the oracle
 
 KV_TILE = 16  # keys per tile: the unit of the skip decision
 Q_TILE_ROWS = 8  # packed query rows per warp (MMA rows 0-7; rows 8-15 are padding)
@@ -686,8 +687,7 @@ def split_shape_heuristic(batch: int, num_kv_heads: int, rows_per_kv_head: int, 
     waves = LONG_SPLIT_WAVES_LARGE_BATCH if warps >= sms else LONG_SPLIT_WAVES_SMALL_BATCH
     long = splits_filling_waves(waves, warps, max_seq_len, sms, MIN_TILES_PER_SPLIT)
     short = int(SHORT_SPLITS_PER_LONG * long)
-    tiles = -(-max(max_seq_len, 1) // KV_TILE)
-    short_tiles = -(-tiles // (LONG_SPLIT_RATIO * long + short))  # reference.split_tile_ranges' unit
+    short_tiles = split_unit(_tiles(max_seq_len), long + short, long, LONG_SPLIT_RATIO)
     if long < 2 or long + short > MAX_SPLITS or short_tiles < MIN_TILES_PER_SHORT_SPLIT:
         return SplitShape(splits_filling_waves(WAVES_LARGE_BATCH, warps, max_seq_len, sms, MIN_TILES_PER_SPLIT))
     return SplitShape(long + short, long, LONG_SPLIT_RATIO)
@@ -698,11 +698,15 @@ def splits_filling_waves(waves: int | None, warps_per_split: int, max_seq_len: i
     """Splits whose warps fill ``waves`` whole waves of resident warps (rounded down;
     None: no wave limit), capped so no split of the longest request has fewer than
     ``min_tiles_per_split`` tiles, and at ``MAX_SPLITS``."""
-    tiles = -(-max(max_seq_len, 1) // KV_TILE)
-    cap = min(-(-tiles // min_tiles_per_split), MAX_SPLITS)
+    cap = min(-(-_tiles(max_seq_len) // min_tiles_per_split), MAX_SPLITS)
     if waves is None:
         return int(cap)
     return int(max(1, min(sm_count * RESIDENT_WARPS_PER_SM * waves // max(warps_per_split, 1), cap)))
+
+
+def _tiles(max_seq_len: int) -> int:
+    """KV tiles of the longest request (at least one)."""
+    return -(-max(max_seq_len, 1) // KV_TILE)
 
 
 def decode_workspace(num_splits: int, num_tokens: int, num_q_heads: int, head_dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -107,6 +107,12 @@ def gather_paged_kv(cache: torch.Tensor, block_table_row: torch.Tensor, kv_len: 
     return cache[blocks, pos % block_size]
 
 
+def split_unit(n_tiles: int, num_splits: int, long_splits: int = 0, long_split_ratio: int = 1) -> int:
+    """Tiles of a short split of :func:`split_tile_ranges` (a long one has ``long_split_ratio``
+    times as many), before clipping to ``n_tiles``."""
+    return -(-n_tiles // (long_split_ratio * long_splits + num_splits - long_splits))
+
+
 def split_tile_ranges(n_tiles: int, num_splits: int, long_splits: int = 0, long_split_ratio: int = 1) -> list[tuple[int, int]]:
     """The tile range ``[t0, t1)`` of every split (empty ranges included, ``t0 == t1``).
 
@@ -116,7 +122,7 @@ def split_tile_ranges(n_tiles: int, num_splits: int, long_splits: int = 0, long_
     1) is the uniform cut into ``ceil(n_tiles / num_splits)``-tile ranges.
     """
     _check_split_shape(num_splits, long_splits, long_split_ratio)
-    unit = -(-n_tiles // (long_split_ratio * long_splits + num_splits - long_splits))
+    unit = split_unit(n_tiles, num_splits, long_splits, long_split_ratio)
     ranges = []
     for s in range(num_splits):
         if s < long_splits:

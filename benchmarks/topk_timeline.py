@@ -3,7 +3,7 @@
 It builds an instrumented copy of ``kernels/gvr_topk.py`` (``instrument.py``; the
 committed kernel is not changed) whose cluster kernel reads the SM clock at its phase
 boundaries and writes, from thread 0 of every CTA, ``STAMPS`` int32 into columns
-``k + rank * STAMPS ...`` of a widened output (``[rows, k + 8 * STAMPS]``; the top-k
+``k + rank * STAMPS ...`` of a widened output (``[rows, k + 16 * STAMPS]``; the top-k
 itself stays in the first ``k`` columns and is checked against torch.topk):
 
 * ``gt_entry`` / ``gt_exit``: the global nanosecond timer at entry and exit;
@@ -49,9 +49,9 @@ _EDITS = [
     ("                parity = Int32(0)\n                hist = sHist.iterator + warp * HIST_STRIDE\n",
      "                parity = Int32(0)\n                tl_rounds = Int32(0)\n"
      "                hist = sHist.iterator + warp * HIST_STRIDE\n"),
-    ("                    parity = 1 - parity\n                    cute.arch.barrier()\n                parity = 1 - parity",
+    ("                    parity = 1 - parity\n                    cute.arch.barrier()\n                count_gt_bin = ",
      "                    parity = 1 - parity\n                    tl_rounds += 1\n                    cute.arch.barrier()\n"
-     "                tl_c2 = cute.arch.clock()\n                parity = 1 - parity"),
+     "                tl_c2 = cute.arch.clock()\n                count_gt_bin = "),
     ("                # ---- 4. emit the keys above the crossing bin;",
      "                tl_c3 = cute.arch.clock()\n                # ---- 4. emit the keys above the crossing bin;"),
     ("                self.cluster_sync()\n                if shift != 0 and rank == 0:\n",
@@ -75,9 +75,9 @@ _EDITS = [
      "                    mOut[row, tl + 9] = shift\n"
      "                    mOut[row, tl + 10] = in_bin\n"
      "                    mOut[row, tl + 11] = Int32(tl_gt1)\n"),
-    # The output is widened for the stamps of up to 8 CTAs per row.
+    # The output is widened for the stamps of up to 16 CTAs per row.
     ("    out = make_fake_compact_tensor(cutlass.Int32, (rows, k), stride_order=(1, 0))\n",
-     "    out = make_fake_compact_tensor(cutlass.Int32, (rows, k + 8 * TL_STAMPS), stride_order=(1, 0))\n"),
+     "    out = make_fake_compact_tensor(cutlass.Int32, (rows, k + 16 * TL_STAMPS), stride_order=(1, 0))\n"),
 ]
 
 
@@ -130,7 +130,7 @@ def main():
         src, lens, hint, top, want = trace_cell(rows, n, K, params)
         fn = tl.compile_gvr_topk_cluster(K, has_hint=True, use_row_slot=False, per_thread=per_thread,
                                          ctas_per_row=ctas, threads=threads)
-        wide = torch.full((rows, K + 8 * STAMPS), -1, dtype=torch.int32, device="cuda")
+        wide = torch.full((rows, K + 16 * STAMPS), -1, dtype=torch.int32, device="cuda")
         for _ in range(5):  # the last call's stamps are kept
             fn(src.view(torch.int32), lens.view(-1), hint, lens.view(-1), wide)
         torch.cuda.synchronize()

@@ -37,8 +37,10 @@ def test_gvr_topk_rejects_unsupported_k_and_cluster_shapes():
         compile_gvr_topk(100, has_hint=False, use_row_slot=False)
     with pytest.raises(ValueError, match="k must be one of"):
         compile_gvr_topk_cluster(100, has_hint=False, use_row_slot=False, per_thread=16)
-    with pytest.raises(ValueError, match="ctas_per_row must be 2/4/8"):
-        compile_gvr_topk_cluster(2048, has_hint=False, use_row_slot=False, per_thread=16, ctas_per_row=16)
+    with pytest.raises(ValueError, match="ctas_per_row must be one of"):
+        compile_gvr_topk_cluster(2048, has_hint=False, use_row_slot=False, per_thread=16, ctas_per_row=32)
+    with pytest.raises(ValueError, match="threads one of"):
+        compile_gvr_topk_cluster(2048, has_hint=False, use_row_slot=False, per_thread=16, threads=1024)
     with pytest.raises(ValueError, match="per_thread one of"):
         compile_gvr_topk_cluster(2048, has_hint=False, use_row_slot=False, per_thread=12)
 

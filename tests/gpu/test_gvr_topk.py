@@ -219,7 +219,7 @@ def test_dispatcher_routes_by_the_crossover_and_stays_exact(rows, n, route):
 
 
 @pytest.mark.parametrize("threads", [256, 512])
-@pytest.mark.parametrize("ctas_per_row", [2, 4, 8])
+@pytest.mark.parametrize("ctas_per_row", [2, 4, 8, 16])
 def test_cluster_kernel_selects_the_same_columns_as_the_one_cta_kernel(ctas_per_row, threads):
     """Both kernels keep the columns above the k-th value and the lowest-index ties: the
     same set of columns (the order inside an output row differs), for every register

@@ -44,9 +44,9 @@ def parse_gvr_config(spec: str) -> dict:
         return {}
     if spec.startswith("c"):
         ctas, sep, threads = spec[1:].partition("t")
-        if ctas in ("2", "4", "8") and (threads in ("256", "512") or not sep):
+        if ctas in ("2", "4", "8", "16") and (threads in ("256", "512") or not sep):
             return {"ctas_per_row": int(ctas), **({"threads": int(threads)} if threads else {})}
-        raise ValueError(f"a cluster GVR config is cN or cNtT with N 2/4/8 and T 256/512, got {spec!r}")
+        raise ValueError(f"a cluster GVR config is cN or cNtT with N 2/4/8/16 and T 256/512, got {spec!r}")
     try:
         threads, loads, *vec = (int(v) for v in spec.split("x"))
     except ValueError:

@@ -74,6 +74,10 @@ MAX_COLS = 1 << 24  # column indices and counts stay far inside int32
 # thread) it is compiled for; 8 x 512 x 64 holds rows of up to 256K columns.
 CLUSTER_CTAS = 8
 CLUSTER_THREADS = 512
+# Cluster sizes the kernel is built for. 16 is a non-portable size on Hopper (CuTe DSL
+# allows it on every kernel it loads); the H200 co-schedules 16 CTAs of a cluster in one GPC.
+CLUSTER_SIZES = (2, 4, 8, 16)
+CLUSTER_THREAD_COUNTS = (256, 512)
 CLUSTER_COLUMNS_PER_THREAD = (8, 16, 32, 48, 64)
 MAX_CLUSTER_ROWS = 65535  # rows are the cluster kernel's grid y, which CUDA caps there
 
@@ -145,6 +149,24 @@ def _kernel_module():
     def store_peer_i32(smem_ptr, peer, value, *, loc=None, ip=None):
         """Store an Int32 at ``smem_ptr`` in CTA ``peer``'s shared memory."""
         llvm.store(Int32(value).ir_value(loc=loc, ip=ip), _peer_address(smem_ptr, peer, loc=loc, ip=ip), loc=loc, ip=ip)
+
+    @dsl_user_op
+    def store_global_if(gmem_ptr, value, pred, *, loc=None, ip=None):
+        """``*gmem_ptr = value`` (Int32, global memory) where ``pred`` is non-zero, as one
+        predicated store: an ``if`` around the store compiled to a branch and a
+        reconvergence per key, with the address rebuilt inside each."""
+        addr = llvm.ptrtoint(T.i64(), gmem_ptr.to_llvm_ptr(loc=loc, ip=ip), loc=loc, ip=ip)
+        llvm.inline_asm(
+            None,
+            [addr, Int32(value).ir_value(loc=loc, ip=ip), Int32(pred).ir_value(loc=loc, ip=ip)],
+            "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p st.global.b32 [$0], $1; }",
+            "l,r,r",
+            has_side_effects=True,
+            is_align_stack=False,
+            asm_dialect=llvm.AsmDialect.AD_ATT,
+            loc=loc,
+            ip=ip,
+        )
 
     @cute.jit
     def count_in_window(key, live, lo, shift, sHist, warp, above):
@@ -664,6 +686,9 @@ def _kernel_module():
             # (bins 0..255, then the count above the window at BINS).
             sStats = smem.allocate_tensor(Int32, cute.make_layout(4), 16)
             sShare = smem.allocate_tensor(Int32, cute.make_layout((BINS + 4, 2), stride=(1, BINS + 4)), 16)
+            # Per entry of the shared histograms: the sum over the lower-ranked CTAs (this
+            # CTA's write offsets, taken while the verify round reads every CTA's entry).
+            sBefore = smem.allocate_tensor(Int32, cute.make_layout(BINS + 4), 16)
 
             length = cutlass.min(mLens[row], mBits.shape[1])
             length = cutlass.max(length, Int32(0))
@@ -766,9 +791,13 @@ def _kernel_module():
                     self.cluster_sync()
                     for e in cutlass.range(tidx, BINS + 1, self.threads):
                         tot = Int32(0)
+                        before = Int32(0)
                         for r in cutlass.range_constexpr(C):
-                            tot += load_peer_i32(sShare.iterator + (e + parity * (BINS + 4)), r)
+                            v = load_peer_i32(sShare.iterator + (e + parity * (BINS + 4)), r)
+                            tot += v
+                            before += Int32(cutlass.select_(Int32(r) < rank, v, Int32(0)))
                         sSuffix[e] = tot
+                        sBefore[e] = before
                     cute.arch.barrier()
                     self.find_crossing_bin(sSuffix, sSuffix[BINS], k, sRed, sPick, tidx)
                     # Stop once the crossing bin's keys fit in the leader's buffer.
@@ -776,51 +805,54 @@ def _kernel_module():
                     done, thr_bin, lo, shift = next_window(sPick[0], in_bin <= cap, lo, shift, done, thr_bin)
                     parity = 1 - parity
                     cute.arch.barrier()
-                parity = 1 - parity  # the buffer of the deciding round
                 count_gt_bin = sPick[2]  # keys above the crossing bin: all of them are kept
                 in_bin = sPick[1] - count_gt_bin
                 need = k - count_gt_bin  # how many of the crossing bin's keys are kept
 
                 # ---- 3. offsets: keys above the crossing bin and keys in it, of the
-                # lower-ranked CTAs (their published histograms), then of this CTA's lower warps ----
+                # lower-ranked CTAs (summed per entry in the deciding round; every warp
+                # adds them up itself, no barrier), then of this CTA's lower warps ----
                 gt_before = Int32(0)
-                bin_before = Int32(0)
-                for e in cutlass.range(tidx, BINS + 1, self.threads):
-                    for r in cutlass.range_constexpr(C - 1):
-                        if r < rank:
-                            v = load_peer_i32(sShare.iterator + (e + parity * (BINS + 4)), r)
-                            if e > thr_bin:
-                                gt_before += v
-                            if e == thr_bin:
-                                bin_before += v
-                gt_before, bin_before = self.block_sum_pair(gt_before, bin_before, sRed2, tidx)
+                for e in cutlass.range(thr_bin + 1 + lane, BINS + 1, 32):
+                    gt_before += sBefore[e]
+                gt_before = cute.arch.warp_reduction_sum(gt_before)
                 gt_pos, bin_pos = self.lower_warps_counts(
-                    thr_bin + 1, thr_bin, gt_before, bin_before, sHist, sWarp, sWarpTie, warp, lane
+                    thr_bin + 1, thr_bin, gt_before, sBefore[thr_bin], sHist, sWarp, sWarpTie, warp, lane
                 )
 
                 # ---- 4. emit the keys above the crossing bin; the crossing bin's keys go
                 # to the leader (or, when the bin is a single key, the first `need` of
                 # them in column order are emitted here too) ----
+                # The crossing bin is the key range [bin_first, bin_last] (aligned to
+                # 1 << shift, so bin_last does not overflow); padding keys (0) are never in it.
+                bin_first = lo + (Uint32(thr_bin) << Uint32(shift))
+                bin_last = bin_first + ((Uint32(1) << Uint32(shift)) - Uint32(1))
+                bin_first = Uint32(cutlass.max(bin_first, Uint32(1)))
+                # Keys above the bin: any order is a valid set, so each lane writes its own
+                # in one run from one warp scan of its count (the offsets are lane-major,
+                # deterministic). The bin's keys keep column order (the tie rule: lower
+                # columns first), so they go per 4-column group, which warps holding none
+                # of them in that group skip. Both in one pass over the groups, so that each
+                # key's register is free after its group (64 columns per thread spilled
+                # when all keys stayed live until a second pass).
+                n_gt = Int32(0)
+                for j in cutlass.range_constexpr(len(keys)):
+                    n_gt += Int32(keys[j] > bin_last)
+                out_ptr = mOut[row, None].iterator + (gt_pos + warp_inclusive_scan(n_gt, lane) - n_gt)
                 for g in cutlass.range_constexpr(self.groups):
                     first = seg_lo + (32 * g + lane) * 4
-                    gt = []
                     inb = []
                     for i in cutlass.range_constexpr(4):
                         key = keys[4 * g + i]
-                        b = (key - lo) >> Uint32(shift)
-                        live = key != Uint32(0) and key >= lo
-                        gt.append(Int32(live and b > Uint32(thr_bin)))
-                        inb.append(Int32(live and b == Uint32(thr_bin)))
-                    n_gt = gt[0] + gt[1] + gt[2] + gt[3]
+                        is_gt = Int32(key > bin_last)
+                        store_global_if(out_ptr, first + i, is_gt)
+                        out_ptr = out_ptr + is_gt
+                        inb.append(Int32((key >= bin_first) & (key <= bin_last)))
                     n_in = inb[0] + inb[1] + inb[2] + inb[3]
-                    if cute.arch.vote_any_sync(n_gt + n_in > 0):
-                        inc_gt = warp_inclusive_scan(n_gt, lane)
+                    if cute.arch.vote_any_sync(n_in > 0):
                         inc_in = warp_inclusive_scan(n_in, lane)
-                        o = gt_pos + inc_gt - n_gt
                         p = bin_pos + inc_in - n_in
                         for i in cutlass.range_constexpr(4):
-                            if gt[i] == 1:
-                                mOut[row, o] = first + i
                             if inb[i] == 1:
                                 if shift == 0:
                                     if p < need:
@@ -828,9 +860,7 @@ def _kernel_module():
                                 else:
                                     store_peer_i32(sCandKey.iterator + p, 0, keys[4 * g + i])
                                     store_peer_i32(sCandIdx.iterator + p, 0, first + i)
-                            o += gt[i]
                             p += inb[i]
-                        gt_pos += cute.arch.shuffle_sync(inc_gt, 31)
                         bin_pos += cute.arch.shuffle_sync(inc_in, 31)
                 # Makes the leader's candidates visible to it, and keeps every CTA alive
                 # until no other CTA reads its shared memory.
@@ -920,9 +950,10 @@ def compile_gvr_topk_cluster(
     up to ``ctas_per_row * threads * per_thread`` columns, 16-byte aligned)."""
     if k not in SUPPORTED_K:
         raise ValueError(f"k must be one of {SUPPORTED_K}, got {k}")
-    if ctas_per_row not in (2, 4, 8) or threads not in (256, 512) or per_thread not in CLUSTER_COLUMNS_PER_THREAD:
+    if ctas_per_row not in CLUSTER_SIZES or threads not in CLUSTER_THREAD_COUNTS or per_thread not in CLUSTER_COLUMNS_PER_THREAD:
         raise ValueError(
-            f"ctas_per_row must be 2/4/8, threads 256/512 and per_thread one of {CLUSTER_COLUMNS_PER_THREAD}, "
+            f"ctas_per_row must be one of {CLUSTER_SIZES}, threads one of {CLUSTER_THREAD_COUNTS} and per_thread "
+            f"one of {CLUSTER_COLUMNS_PER_THREAD}, "
             f"got {ctas_per_row}, {threads}, {per_thread}"
         )
     key = ("cluster", k, has_hint, use_row_slot, per_thread, ctas_per_row, threads, target_arch())
@@ -961,7 +992,7 @@ def gvr_topk(
     Which kernel: ``ctas_per_row`` 1 runs one CTA per row (``threads`` 256/512/1024,
     ``loads_in_flight`` per lane and ``vec_width`` tune it; ``vec_width`` is the columns
     per load, 4 (128-bit loads, the default for 16-byte aligned rows, see
-    :func:`rows_are_16b_aligned`) or 1). ``ctas_per_row`` 2, 4 or 8 runs a thread-block
+    :func:`rows_are_16b_aligned`) or 1). ``ctas_per_row`` 2, 4, 8 or 16 runs a thread-block
     cluster of that many CTAs (``threads`` 256 or 512 each) per row, holding the row in
     registers: it needs 16-byte aligned rows of at most ``ctas_per_row * threads * 64``
     columns. None (the default) takes :func:`default_kernel`'s choice, or one CTA per row
@@ -1011,11 +1042,12 @@ def gvr_topk(
     if ctas_per_row != 1:
         threads = threads or CLUSTER_THREADS
         per_thread = None
-        if ctas_per_row in (2, 4, 8) and threads in (256, 512):
+        if ctas_per_row in CLUSTER_SIZES and threads in CLUSTER_THREAD_COUNTS:
             per_thread = cluster_columns_per_thread(cols, ctas_per_row, threads)
         if per_thread is None or not aligned or rows > MAX_CLUSTER_ROWS:
             raise ValueError(
-                f"ctas_per_row must be 1, or 2/4/8 (threads 256/512) for at most {MAX_CLUSTER_ROWS} 16-byte aligned "
+                f"ctas_per_row must be 1, or one of {CLUSTER_SIZES} (threads one of {CLUSTER_THREAD_COUNTS}) for at most "
+                f"{MAX_CLUSTER_ROWS} 16-byte aligned "
                 f"rows of at most ctas_per_row * threads * {CLUSTER_COLUMNS_PER_THREAD[-1]} columns; got "
                 f"ctas_per_row={ctas_per_row}, threads={threads} for {rows} rows of {cols} columns "
                 f"({'aligned' if aligned else 'not 16-byte aligned'})"

@@ -1,23 +1,16 @@
 """The dispatcher's measured crossover (CPU: the rule only)."""
 
-from vllm_blackwell_sparse.topk_dispatch import (
-    GVR_MIN_COLS,
-    GVR_MIN_ROWS,
-    GVR_SMALL_MAX_COLS,
-    GVR_SMALL_MAX_ROWS,
-    prefer_gvr,
-)
+from vllm_blackwell_sparse.topk_dispatch import GVR_SHORT_MAX_COLS, GVR_SHORT_MAX_ROWS, prefer_gvr
 
 
-def test_gvr_for_few_short_rows_and_for_many_long_rows_on_hopper():
+def test_gvr_everywhere_but_many_short_rows_on_hopper():
     h200 = (9, 0)
-    assert prefer_gvr(GVR_MIN_ROWS, GVR_MIN_COLS, 2048, h200)
+    for rows, cols in ((1, 16384), (1, 131072), (32, 65536), (GVR_SHORT_MAX_ROWS, GVR_SHORT_MAX_COLS), (128, 131072),
+                       (4096, GVR_SHORT_MAX_COLS + 4)):
+        assert prefer_gvr(rows, cols, 2048, h200), (rows, cols)
     assert prefer_gvr(128, 131072, 512, h200)
-    assert prefer_gvr(1, 16384, 2048, h200) and prefer_gvr(GVR_SMALL_MAX_ROWS, GVR_SMALL_MAX_COLS, 2048, h200)
-    assert not prefer_gvr(GVR_SMALL_MAX_ROWS + 1, GVR_SMALL_MAX_COLS, 2048, h200), "between the regions"
-    assert not prefer_gvr(1, GVR_SMALL_MAX_COLS + 4, 2048, h200)
-    assert not prefer_gvr(GVR_MIN_ROWS - 1, 131072, 2048, h200)
-    assert not prefer_gvr(128, GVR_MIN_COLS - 4, 2048, h200)
+    assert not prefer_gvr(GVR_SHORT_MAX_ROWS + 1, GVR_SHORT_MAX_COLS, 2048, h200), "many short rows"
+    assert not prefer_gvr(128, 16384, 2048, h200)
     assert not prefer_gvr(128, 131072, 256, h200), "k outside GVR's compiled sizes"
     assert not prefer_gvr(128, 131072, 2048, (10, 0)), "no measurement on Blackwell"
     assert not prefer_gvr(128, 131072, 2048, h200, aligned=False), "measured with aligned rows only"

@@ -1,11 +1,11 @@
 """Decode top-k dispatcher: GVR where it measured faster than vLLM's own kernel, vLLM's elsewhere.
 
-The crossover comes from ``vbs bench topk`` on the H200 (docs/BENCHMARKS.md, "GVR cluster
-kernel": DSA-like traces, k = 2048, 16-byte aligned rows). GVR (its default kernel choice,
-``gvr_topk.default_kernel``) beats vLLM's choice (cooperative top-k up to 32 rows,
-persistent above) in two regions: up to 32 rows of at most 32K columns (clusters of 4-8
-CTAs per row), and from 64 rows of at least 64K columns (two CTAs per row at 64K, one
-beyond). In between vLLM's kernels are faster or level. Other GPUs, unaligned rows and
+The crossover comes from ``vbs bench topk`` on the H200 (docs/BENCHMARKS.md, "one scan
+per lane": DSA-like traces, k = 2048, 16-byte aligned rows). GVR (its default kernel
+choice, ``gvr_topk.default_kernel``) beats vLLM's choice (cooperative top-k up to 32 rows,
+persistent above) everywhere measured except many short rows: 128 rows of at most 32K
+columns (0.83-0.87x), where vLLM's persistent kernel keeps every SM busy with less work
+per row. 64 rows of 16K-32K were level (1.02-1.06x) and go to GVR. Other GPUs, unaligned rows and
 k outside GVR's sizes get vLLM's kernel. vLLM glue: it calls ``torch.ops._C``.
 """
 
@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import torch
 
-GVR_SMALL_MAX_ROWS = 32
-GVR_SMALL_MAX_COLS = 32 * 1024
-GVR_MIN_ROWS = 64
-GVR_MIN_COLS = 64 * 1024
+# vLLM's kernel takes more than GVR_SHORT_MAX_ROWS rows of at most GVR_SHORT_MAX_COLS
+# columns; GVR everything else (65-127 such rows were not measured: vLLM's side is the safe one).
+GVR_SHORT_MAX_ROWS = 64
+GVR_SHORT_MAX_COLS = 32 * 1024
 MEASURED_CAPABILITIES = ((9, 0),)  # where the crossover above was measured
 VLLM_TOPK_WORKSPACE_BYTES = 1024 * 1024  # vLLM 0.26's RADIX_TOPK_WORKSPACE_SIZE
 
@@ -29,9 +29,8 @@ def prefer_gvr(rows: int, cols: int, k: int, capability: tuple[int, int], aligne
 
     if capability not in MEASURED_CAPABILITIES or k not in SUPPORTED_K or not aligned:
         return False
-    small = rows <= GVR_SMALL_MAX_ROWS and cols <= GVR_SMALL_MAX_COLS
-    large = rows >= GVR_MIN_ROWS and cols >= GVR_MIN_COLS
-    return small or large
+    many_short_rows = rows > GVR_SHORT_MAX_ROWS and cols <= GVR_SHORT_MAX_COLS
+    return not many_short_rows
 
 
 def decode_topk(

@@ -204,7 +204,8 @@ def test_load_width_is_chosen_by_alignment_and_both_widths_are_exact_on_ties():
 
 @pytest.mark.parametrize(
     "rows, n, route",
-    [(8, 70000, "vllm_cooperative"), (40, 20000, "vllm_persistent"), (64, 65536, "gvr"), (4, 16384, "gvr")],
+    [(8, 70001, "vllm_cooperative"), (128, 20000, "vllm_persistent"), (64, 65536, "gvr"), (4, 16384, "gvr"),
+     (40, 20000, "gvr")],
 )
 def test_dispatcher_routes_by_the_crossover_and_stays_exact(rows, n, route):
     from vllm_blackwell_sparse.topk_dispatch import decode_topk

@@ -1084,11 +1084,11 @@ def gvr_topk(
 def default_kernel(rows: int, cols: int, aligned: bool) -> tuple[int, int]:
     """(ctas_per_row, threads) that :func:`gvr_topk` runs by default for ``rows`` rows of
     ``cols`` columns: the fastest of the cluster variants (2/4/8 CTAs of 256/512 threads)
-    and the one-CTA kernel (1024 threads) in the H200 sweep of docs/BENCHMARKS.md ("GVR
-    cluster kernel"), per bucket of rows and width. Few rows want many CTAs per row; many
-    rows want few, so that all of them are resident at once; past 64 rows of more than
-    64K columns the rows no longer fit in the register files and one CTA per row, which
-    streams the row from L2, is fastest. Unaligned rows and rows wider than 256K columns
+    and the one-CTA kernel (1024 threads) in the H200 sweeps of docs/BENCHMARKS.md ("GVR
+    cluster kernel", "one scan per lane"), per bucket of rows and width. Few rows want
+    many CTAs per row; many rows want few, so that all of them are resident at once; past
+    64 rows of 64K columns, and past 64 rows of 128K, the rows no longer fit in the
+    register files and one CTA per row, which streams the row from L2, is fastest. Unaligned rows and rows wider than 256K columns
     (unmeasured: the smallest-rows rule of 128K is applied up to 256K) take one CTA per row,
     and so do more than 65535 rows (the cluster kernel puts rows on the grid's y axis)."""
     if not aligned or cluster_columns_per_thread(cols) is None or rows > MAX_CLUSTER_ROWS:
@@ -1104,9 +1104,14 @@ def default_kernels_for_width(cols: int) -> tuple[tuple[int, int], ...]:
 
 # default_kernel's rule for aligned rows the cluster kernel holds: per width bucket (most
 # columns, None = up to 256K), per rows bucket (most rows, None = any), (ctas_per_row, threads).
+# From the sweep of dfaacff (benchmarks/results/topk_h200_gvr_emit_sweep.json); 16-CTA
+# clusters were at most 1.4% faster there (1 row of 128K) and are left out of the default:
+# their size is non-portable. Past 128K (unmeasured) the 128K rule of 7d838f0 stays, with
+# 512 threads so that 8 CTAs hold 256K columns.
 _DEFAULT_KERNELS = (
     (32768, ((8, (8, 256)), (32, (4, 256)), (64, (2, 512)), (None, (2, 256)))),
-    (65536, ((8, (8, 512)), (32, (8, 256)), (64, (2, 512)), (None, (1, 1024)))),
+    (65536, ((32, (8, 256)), (64, (2, 512)), (None, (1, 1024)))),
+    (131072, ((64, (8, 256)), (None, (1, 1024)))),
     (None, ((32, (8, 512)), (None, (1, 1024)))),
 )
 

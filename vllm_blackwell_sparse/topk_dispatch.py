@@ -63,15 +63,21 @@ def decode_topk(
 def vllm_decode_topk(
     logits: torch.Tensor, seq_lens: torch.Tensor, k: int, out: torch.Tensor, *, workspace: torch.Tensor | None = None
 ) -> str:
-    """vLLM's decode top-k kernel, chosen as vLLM 0.26's DSA indexer chooses it; returns its name."""
+    """vLLM's decode top-k kernel, chosen as vLLM 0.26's DSA indexer chooses it; returns its name.
+    Rows that cannot be read in 16-byte chunks go to the per-row kernel: the cooperative and
+    persistent kernels stopped with "misaligned address" on rows starting 4 bytes past a
+    16-byte boundary (H200), which vLLM's own indexer, with its freshly allocated logits,
+    never passes them."""
     import vllm._custom_ops  # noqa: F401  (registers torch.ops._C)
+
+    from vllm_blackwell_sparse.kernels.gvr_topk import rows_are_16b_aligned
 
     rows, cols = logits.shape
     capability = torch.cuda.get_device_capability(logits.device)
-    if capability >= (9, 0) and capability[0] != 12 and k in (512, 1024, 2048):
+    if capability >= (9, 0) and capability[0] != 12 and k in (512, 1024, 2048) and rows_are_16b_aligned(logits):
         if workspace is None:
             workspace = torch.zeros(VLLM_TOPK_WORKSPACE_BYTES, dtype=torch.uint8, device=logits.device)
-        if rows <= 32 and logits.stride(0) % 4 == 0:
+        if rows <= 32:
             torch.ops._C.cooperative_topk(logits, seq_lens, out, workspace, k, cols)
             return "vllm_cooperative"
         torch.ops._C.persistent_topk(logits, seq_lens, out, workspace, k, cols)

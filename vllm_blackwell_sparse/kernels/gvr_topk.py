@@ -44,11 +44,13 @@ class docstring. Where the time goes (H200): the one-CTA row passes are
 instruction-bound, about 20 µs per pass over 128K columns. Counting ``key >= T_q`` for 8 hint quantiles in registers
 instead of the histogram pass was exact but 12-28% slower (more instructions per column),
 so the histogram pass stays; speed at small batches needs several CTAs per row (the
-cluster kernel). The cluster kernel's time grows by about 0.25 µs per column each thread
-holds: per-key instructions (a branch per key in the verify histogram, with its
-reconvergence, cost more than an unconditional shared-memory atomic; removing it gained
-2-13%). Emitting with one scan per lane over lane-contiguous columns, instead of one per
-4-column group, spilled at 64 columns per thread and was rejected (docs/BENCHMARKS.md).
+cluster kernel). The cluster kernel is instruction-bound too (one CTA of 16 warps per
+SM at 32 columns per thread): what counts is instructions per key. Its verify round
+sends every key through one unconditional shared-memory atomic (a branch per key, with
+its reconvergence, cost more; removing it gained 2-13%). Its emit gives each lane's keys
+above the crossing bin one run of output slots from a single warp scan, written with
+predicated stores: the scan per 4-column group it replaced cost ~60 instructions per key
+and took 4.4 of 12.5 µs per CTA at 1 x 128K (benchmarks/topk_timeline.py).
 Neither kernel synchronises with the host or allocates: both can be captured in a CUDA
 graph.
 """

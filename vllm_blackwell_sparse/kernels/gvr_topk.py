@@ -589,9 +589,9 @@ def _kernel_module():
 
         It ends differently from the one-CTA kernel: once the bin holding the k-th key
         (the crossing bin) has at most ``cap`` keys, every CTA writes its keys above that
-        bin straight to the output (column-ordered offsets from prefix sums over CTAs,
-        warps and lanes), and only the crossing bin's keys go to the leader CTA's shared
-        memory, where the radix refine picks the rest. With a good hint that bin holds a
+        bin straight to the output (offsets from prefix sums over CTAs, warps and lanes;
+        lane-major inside a warp), and only the crossing bin's keys, in column order, go
+        to the leader CTA's shared memory, where the radix refine picks the rest. With a good hint that bin holds a
         few hundred keys instead of the ~k survivors the one-CTA kernel refines."""
 
         def __init__(self, k, has_hint, use_row_slot, threads, cluster, per_thread):
@@ -618,24 +618,6 @@ def _kernel_module():
             # before the barrier are visible to every CTA of the cluster after it.
             cute.arch.cluster_arrive()
             cute.arch.cluster_wait()
-
-        @cute.jit
-        def block_sum_pair(self, a, b, sRed2, tidx):
-            """Block-wide sums of two Int32 with one pair of barriers."""
-            lane, warp = tidx % 32, tidx // 32
-            va = cute.arch.warp_reduction_sum(a)
-            vb = cute.arch.warp_reduction_sum(b)
-            cute.arch.barrier()
-            if lane == 0:
-                sRed2[warp, 0] = va
-                sRed2[warp, 1] = vb
-            cute.arch.barrier()
-            ta = Int32(0)
-            tb = Int32(0)
-            for w in cutlass.range_constexpr(self.warps):
-                ta += sRed2[w, 0]
-                tb += sRed2[w, 1]
-            return ta, tb
 
         @cute.jit
         def block_hint_stats(self, nvalid, hmin, hmax, sRed2, sRedU2, tidx):
@@ -1089,10 +1071,11 @@ def default_kernel(rows: int, cols: int, aligned: bool) -> tuple[int, int]:
     and the one-CTA kernel (1024 threads) in the H200 sweeps of docs/BENCHMARKS.md ("GVR
     cluster kernel", "one scan per lane"), per bucket of rows and width. Few rows want
     many CTAs per row; many rows want few, so that all of them are resident at once; past
-    64 rows of 64K columns, and past 64 rows of 128K, the rows no longer fit in the
-    register files and one CTA per row, which streams the row from L2, is fastest. Unaligned rows and rows wider than 256K columns
-    (unmeasured: the smallest-rows rule of 128K is applied up to 256K) take one CTA per row,
-    and so do more than 65535 rows (the cluster kernel puts rows on the grid's y axis)."""
+    64 rows of 64K or 128K columns the rows no longer fit in the register files and one
+    CTA per row, which streams the row from L2, is fastest. Rows of 128K-256K columns
+    (unmeasured) take the earlier 128K rule (8 x 512 up to 32 rows). Unaligned rows and
+    rows wider than 256K columns take one CTA per row, and so do more than 65535 rows
+    (the cluster kernel puts rows on the grid's y axis)."""
     if not aligned or cluster_columns_per_thread(cols) is None or rows > MAX_CLUSTER_ROWS:
         return 1, DEFAULT_THREADS
     return next(choice for most_rows, choice in _width_bucket(cols) if most_rows is None or rows <= most_rows)

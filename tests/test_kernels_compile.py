@@ -19,6 +19,10 @@ for k, ctas, threads in ((512, 8, 256), (1024, 4, 512), (2048, 2, 256)):
     for has_hint, use_row_slot in ((True, False), (False, False)):
         compile_gvr_topk_cluster(k, has_hint=has_hint, use_row_slot=use_row_slot, per_thread=16, ctas_per_row=ctas,
                                  threads=threads)
+# The default at 128K (8 x 256 x 64 columns) and a 16-CTA (non-portable) cluster.
+for ctas, threads, per_thread in ((8, 256, 64), (16, 256, 32)):
+    compile_gvr_topk_cluster(2048, has_hint=True, use_row_slot=False, per_thread=per_thread, ctas_per_row=ctas,
+                             threads=threads)
 print("compiled")
 """
 

@@ -5,8 +5,8 @@ per lane": DSA-like traces, k = 2048, 16-byte aligned rows). GVR (its default ke
 choice, ``gvr_topk.default_kernel``) beats vLLM's choice (cooperative top-k up to 32 rows,
 persistent above) everywhere measured except many short rows: 128 rows of at most 32K
 columns (0.83-0.87x), where vLLM's persistent kernel keeps every SM busy with less work
-per row. 64 rows of 16K-32K were level (1.02-1.06x) and go to GVR. Other GPUs, unaligned rows and
-k outside GVR's sizes get vLLM's kernel. vLLM glue: it calls ``torch.ops._C``.
+per row. 64 rows of 16K-32K were level (1.02-1.06x) and go to GVR. Other GPUs, unaligned
+rows and k outside GVR's sizes get vLLM's kernel. vLLM glue: it calls ``torch.ops._C``.
 """
 
 from __future__ import annotations

@@ -201,11 +201,15 @@ def _kernel_module():
 
     @cute.jit
     def window_over(lo, hi):
-        """(start, shift) of the first 256-bin window over keys [lo, hi]: the smallest shift
-        whose bins cover it, the start aligned to 1 << shift, so that each bin is a range of
-        keys that share their high bits (what the radix refine needs)."""
-        shift = Int32(0)
-        while ((hi >> Uint32(shift)) - (lo >> Uint32(shift))) >= Uint32(BINS):
+        """(start, shift) of the first 256-bin window over keys [lo, hi] (lo <= hi): the
+        smallest shift whose bins cover it, the start aligned to 1 << shift, so that each
+        bin is a range of keys that share their high bits (what the radix refine needs).
+        No shift below bitlen(hi - lo) - 8 covers the range and that one plus one always
+        does, so it is one of those two (closed form: a loop over shifts was a serial
+        chain of up to 24 steps on every CTA's path)."""
+        bitlen = Int32(32) - Int32(cute.arch.clz(hi - lo))
+        shift = cutlass.max(bitlen - 8, Int32(0))
+        if ((hi >> Uint32(shift)) - (lo >> Uint32(shift))) >= Uint32(BINS):
             shift += 1
         return (lo >> Uint32(shift)) << Uint32(shift), shift
 

@@ -22,7 +22,8 @@ step's top-k, k = 2048; the default kernel choice for the shape unless ``--ctas`
 most CTAs at once on one SM), and for reference the GPU time of the uninstrumented call,
 of the instrumented one and of vLLM's choice (``bench.topk.time_kernel``, hot L2).
 ``--launch`` adds keyword arguments to the instrumented kernel's launch (an occupancy
-experiment, e.g. ``preferred_smem_carveout=100``).
+experiment, e.g. ``preferred_smem_carveout=100``); ``--source`` instruments another copy
+of ``gvr_topk.py`` (a variant under test) instead of the installed one.
 
     cd benchmarks && python topk_timeline.py --out $OUT/topk_timeline.json --cells 1x131072 32x65536 64x131072
 """

@@ -66,12 +66,12 @@ _EDITS = [
     ("                hist = sHist.iterator + warp * HIST_STRIDE\n                while done == 0:\n",
      "                hist = sHist.iterator + warp * HIST_STRIDE\n                while done == 0:\n"
      "                    tl_v0 = cute.arch.clock()\n"),
-    ("                    self.publish_warp_above(above, sWarp, warp, lane)\n                    # Entries 0..BINS-1",
-     "                    self.publish_warp_above(above, sWarp, warp, lane)\n                    tl_v1 = cute.arch.clock()\n"
+    ("                    cute.arch.barrier()\n                    # Entries 0..BINS-1",
+     "                    cute.arch.barrier()\n                    tl_v1 = cute.arch.clock()\n"
      "                    # Entries 0..BINS-1"),
-    ("                    self.cluster_sync()\n                    for e in cutlass.range(tidx, BINS + 1, self.threads):\n",
+    ("                    self.cluster_sync()\n                    for e in cutlass.range(tidx, ABOVE + 1, self.threads):\n",
      "                    self.cluster_sync()\n                    tl_v2 = cute.arch.clock()\n"
-     "                    for e in cutlass.range(tidx, BINS + 1, self.threads):\n"),
+     "                    for e in cutlass.range(tidx, ABOVE + 1, self.threads):\n"),
     ("                    cute.arch.barrier()\n                    self.find_crossing_bin(sSuffix, sSuffix[BINS], k",
      "                    cute.arch.barrier()\n                    tl_v3 = cute.arch.clock()\n"
      "                    self.find_crossing_bin(sSuffix, sSuffix[BINS], k"),

@@ -19,10 +19,13 @@ for k, ctas, threads in ((512, 8, 256), (1024, 4, 512), (2048, 2, 256)):
     for has_hint, use_row_slot in ((True, False), (False, False)):
         compile_gvr_topk_cluster(k, has_hint=has_hint, use_row_slot=use_row_slot, per_thread=16, ctas_per_row=ctas,
                                  threads=threads)
-# The default at 128K (8 x 256 x 64 columns) and a 16-CTA (non-portable) cluster.
-for ctas, threads, per_thread in ((8, 256, 64), (16, 256, 32)):
-    compile_gvr_topk_cluster(2048, has_hint=True, use_row_slot=False, per_thread=per_thread, ctas_per_row=ctas,
-                             threads=threads)
+# The defaults at 128K (8 x 256 x 64 columns, all in registers or 32 in shared memory), a
+# 16-CTA (non-portable) cluster, and the other shared-memory shares.
+for ctas, threads, per_thread, smem in ((8, 256, 64, 0), (8, 256, 64, 32), (16, 256, 32, 0), (8, 256, 48, 16),
+                                        (8, 512, 32, 16)):
+    for has_hint, use_row_slot in ((True, False), (True, True), (False, False)) if smem else ((True, False),):
+        compile_gvr_topk_cluster(2048, has_hint=has_hint, use_row_slot=use_row_slot, per_thread=per_thread,
+                                 ctas_per_row=ctas, threads=threads, smem_per_thread=smem)
 print("compiled")
 """
 
@@ -47,6 +50,10 @@ def test_gvr_topk_rejects_unsupported_k_and_cluster_shapes():
         compile_gvr_topk_cluster(2048, has_hint=False, use_row_slot=False, per_thread=16, threads=1024)
     with pytest.raises(ValueError, match="per_thread one of"):
         compile_gvr_topk_cluster(2048, has_hint=False, use_row_slot=False, per_thread=12)
+    with pytest.raises(ValueError, match="smem_per_thread must be one of"):
+        compile_gvr_topk_cluster(2048, has_hint=False, use_row_slot=False, per_thread=32, smem_per_thread=8)
+    with pytest.raises(ValueError, match="at most half of per_thread"):
+        compile_gvr_topk_cluster(2048, has_hint=False, use_row_slot=False, per_thread=32, smem_per_thread=32)
 
 
 COMPILE_DECODE = """

@@ -26,11 +26,13 @@ def test_gvr_default_kernel_always_holds_the_row():
 
     for rows in (1, 8, 9, 32, 33, 64, 65, 4096):
         for cols in (4, 2048, 16384, 32768, 32772, 65536, 65540, 131072, 200000, 262144, 262148, 1 << 20):
-            ctas, threads = default_kernel(rows, cols, True)
+            ctas, threads, smem = default_kernel(rows, cols, True)
             if ctas > 1:
-                assert cluster_columns_per_thread(cols, ctas, threads) is not None, (rows, cols, ctas, threads)
+                per_thread = cluster_columns_per_thread(cols, ctas, threads)
+                assert per_thread is not None, (rows, cols, ctas, threads)
+                assert 2 * smem <= per_thread, (rows, cols, ctas, threads, smem)
             else:
-                assert threads in (512, 1024)
+                assert threads in (512, 1024) and smem == 0
             assert default_kernel(rows, cols, False)[0] == 1, "unaligned rows take one CTA per row"
     assert default_kernel(1, 262148, True)[0] == 1, "too wide for the cluster kernel"
     # What the DSA hook compiles at model load covers every choice for that width.
@@ -48,8 +50,9 @@ def test_bench_gvr_configs_parse_and_refuse_what_no_kernel_runs():
     assert parse_gvr_config("auto") == {}
     assert parse_gvr_config("c8") == {"ctas_per_row": 8}
     assert parse_gvr_config("c4t256") == {"ctas_per_row": 4, "threads": 256}
+    assert parse_gvr_config("c8t256s32") == {"ctas_per_row": 8, "threads": 256, "smem_per_thread": 32}
     assert parse_gvr_config("1024x4x4") == {"ctas_per_row": 1, "threads": 1024, "loads_in_flight": 4, "vec_width": 4}
     assert parse_gvr_config("512x16")["vec_width"] is None
-    for bad in ("c3", "c8t", "c8t1024", "fast", "1x2x3x4"):
+    for bad in ("c3", "c8t", "c8t1024", "c8s", "c8t256s8", "fast", "1x2x3x4"):
         with pytest.raises(ValueError, match="config"):
             parse_gvr_config(bad)

@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     topk.add_argument("--kernels", type=lambda s: s.split(","), default=None, help="subset, comma-separated")
     topk.add_argument(
         "--gvr-configs", type=_gvr_configs, default=("auto",),
-        help="GVR variants, comma-separated: auto (the kernel's own choice), cN[tT] (a cluster of N CTAs of T threads per row) or "
+        help="GVR variants, comma-separated: auto (the kernel's own choice), cN[tT][sS] (a cluster of N CTAs of T threads per row, S "
+        "columns per thread in shared memory) or "
         "THREADSxLOADS[xVEC] (one CTA per row with that tuning; VEC 1 or 4 columns per load); the first is unsuffixed",
     )
     topk.add_argument("--out", default="benchmarks/results/topk.json")

@@ -631,14 +631,15 @@ def _compile_for(k: int, logits_width: int) -> None:
         compile_gvr_topk(k, has_hint=False, use_row_slot=False, vec_width=vec_width)
     # Every kernel gvr_topk's default choice can pick for aligned rows of the indexer's
     # width (max_model_len), whatever the number of rows.
-    for ctas, threads in default_kernels_for_width(logits_width):
+    for ctas, threads, smem_per_thread in default_kernels_for_width(logits_width):
         for has_hint in (True, False):
             if ctas == 1:
                 compile_gvr_topk(k, has_hint=has_hint, use_row_slot=has_hint, threads=threads, vec_width=4)
             else:
                 per_thread = cluster_columns_per_thread(logits_width, ctas, threads)
                 compile_gvr_topk_cluster(
-                    k, has_hint=has_hint, use_row_slot=has_hint, per_thread=per_thread, ctas_per_row=ctas, threads=threads
+                    k, has_hint=has_hint, use_row_slot=has_hint, per_thread=per_thread, ctas_per_row=ctas, threads=threads,
+                    smem_per_thread=smem_per_thread,
                 )
     if torch.cuda.get_device_capability()[0] == 10:
         _warn_once("GVR on sm_100 is compile-checked only; it has not been run on Blackwell")

@@ -30,22 +30,29 @@ def check_rows(logits, lens, k, out):
     torch.testing.assert_close(torch.sort(got, 1).values, torch.sort(want, 1).values, rtol=0, atol=0, equal_nan=True)
 
 
-@pytest.mark.parametrize("ctas_per_row", [1, 8])
+@pytest.mark.parametrize("kernel", ["1", "8", "8-smem"])
 @pytest.mark.parametrize("k", [512, 1024, 2048])
-def test_fuzz_100k_rows_against_torch_topk(k, ctas_per_row):
-    """About 10^5 fresh rows per kernel (a third per k). The cluster kernel (8 CTAs per
-    row) needs 16-byte aligned rows, so its widths are multiples of 4, up to 256K."""
+def test_fuzz_100k_rows_against_torch_topk(k, kernel):
+    """About 10^5 fresh rows per kernel (a third per k): one CTA per row, 8-CTA clusters
+    with every column in registers, and 8 x 256-thread clusters keeping 32 of each thread's
+    64 columns in shared memory. The cluster kernel needs 16-byte aligned rows, so its
+    widths are multiples of 4, up to 256K (up to 128K with the shared-memory share)."""
     seed = random.randrange(1 << 30)
     g = torch.Generator(device="cuda").manual_seed(seed)
+    tune = {"1": {"ctas_per_row": 1}, "8": {"ctas_per_row": 8},
+            "8-smem": {"ctas_per_row": 8, "threads": 256, "smem_per_thread": 32}}[kernel]
     total = 0
     while total < 100_000 // 3 + 1:
         rows = random.choice([1, 7, 64, 1000, 4096])
-        if ctas_per_row == 1:
+        if kernel == "1":
             n = random.choice([k // 2, k + 1, 3 * k, 16384, 65536]) if rows <= 1000 else random.choice([k + 1, 3 * k, 8192])
-        else:
+        elif kernel == "8":
             n = random.choice([k // 2, k + 4, 3 * k, 16384, 65536, 100000, 262144]) if rows <= 64 else random.choice(
                 [k + 4, 3 * k, 8192, 32768]
             )
+        else:  # rows of 49-64 columns per thread (32 of them in shared memory)
+            rows = random.choice([1, 7, 64, 200])
+            n = 4 * random.randrange(98304 // 4 + 1, 131072 // 4 + 1)
         logits = torch.randn(rows, n, generator=g, device="cuda") * random.choice([1.0, 1e-3, 1e4])
         lens = torch.randint(max(1, n // 2), n + 1, (rows,), generator=g, device="cuda", dtype=torch.int32)
         prev = torch.topk(logits + 0.5 * torch.randn(rows, n, generator=g, device="cuda"), min(k, n), dim=1).indices
@@ -54,7 +61,7 @@ def test_fuzz_100k_rows_against_torch_topk(k, ctas_per_row):
         choice = random.choice(["true", "none", "random"])
         if choice == "random":
             hint = torch.randint(-3, n + 5, (rows, k), generator=g, device="cuda", dtype=torch.int32)
-        out = gvr_topk(logits, lens, k, hint=None if choice == "none" else hint, ctas_per_row=ctas_per_row)
+        out = gvr_topk(logits, lens, k, hint=None if choice == "none" else hint, **tune)
         check_rows(logits, lens, k, out)
         total += rows
     print(f"seed {seed}: {total} rows")
@@ -222,16 +229,12 @@ def test_dispatcher_routes_by_the_crossover_and_stays_exact(rows, n, route):
     check_rows(logits, lens, k, out)
 
 
-@pytest.mark.parametrize("threads", [256, 512])
-@pytest.mark.parametrize("ctas_per_row", [2, 4, 8, 16])
-def test_cluster_kernel_selects_the_same_columns_as_the_one_cta_kernel(ctas_per_row, threads):
-    """Both kernels keep the columns above the k-th value and the lowest-index ties: the
-    same set of columns (the order inside an output row differs), for every register
-    share size, hint kind and row length."""
+def _selects_the_same_columns_as_one_cta(cases, **tune):
+    """The cluster kernel with ``tune`` against the one-CTA kernel, for each (k, rows, n)
+    of ``cases`` in plain, tied and small-scale rows with a true, no and table hint."""
     seed = random.randrange(1 << 30)
     g = torch.Generator(device="cuda").manual_seed(seed)
-    cap = ctas_per_row * threads * 64
-    for k, rows, n in ((512, 40, 4000), (2048, 16, min(cap, 40000)), (1024, 8, min(cap, 100000)), (2048, 3, cap)):
+    for k, rows, n in cases:
         for scale, ties in ((1.0, False), (1.0, True), (1e-3, False)):
             logits = torch.randn(rows, n, generator=g, device="cuda") * scale
             if ties:
@@ -243,12 +246,34 @@ def test_cluster_kernel_selects_the_same_columns_as_the_one_cta_kernel(ctas_per_
             # rows + 2 table rows: slots rows + 2 and rows + 3 lie outside (no hint), -1 is no hint.
             slots = torch.randint(-1, rows + 4, (rows,), generator=g, device="cuda", dtype=torch.int32)
             for kw in ({"hint": true}, {}, {"hint_table": table, "row_slot": slots}):
-                out = gvr_topk(logits, lens, k, ctas_per_row=ctas_per_row, threads=threads, **kw)
+                out = gvr_topk(logits, lens, k, **tune, **kw)
                 check_rows(logits, lens, k, out)
                 one_cta = gvr_topk(logits, lens, k, ctas_per_row=1, **kw)
                 assert torch.equal(out.sort(1).values, one_cta.sort(1).values), (seed, k, n, list(kw))
                 # Deterministic: the same call gives the same row, order included.
-                assert torch.equal(out, gvr_topk(logits, lens, k, ctas_per_row=ctas_per_row, threads=threads, **kw))
+                assert torch.equal(out, gvr_topk(logits, lens, k, **tune, **kw))
+
+
+@pytest.mark.parametrize("threads", [256, 512])
+@pytest.mark.parametrize("ctas_per_row", [2, 4, 8, 16])
+def test_cluster_kernel_selects_the_same_columns_as_the_one_cta_kernel(ctas_per_row, threads):
+    """Both kernels keep the columns above the k-th value and the lowest-index ties: the
+    same set of columns (the order inside an output row differs), for every register
+    share size, hint kind and row length."""
+    cap = ctas_per_row * threads * 64
+    cases = ((512, 40, 4000), (2048, 16, min(cap, 40000)), (1024, 8, min(cap, 100000)), (2048, 3, cap))
+    _selects_the_same_columns_as_one_cta(cases, ctas_per_row=ctas_per_row, threads=threads)
+
+
+@pytest.mark.parametrize("smem_per_thread", [16, 32])
+def test_cluster_kernel_with_columns_in_shared_memory_selects_the_same_columns(smem_per_thread):
+    """The same with part of each thread's columns kept in shared memory (8 CTAs of 256
+    threads; rows of 48 or 64 columns per thread for 32 of them in shared memory, of 32 or
+    more for 16), padding columns included."""
+    cases = ((2048, 16, 131072), (512, 5, 100000), (1024, 3, 131068))
+    if smem_per_thread == 16:
+        cases += ((2048, 8, 40000), (1024, 4, 65536))
+    _selects_the_same_columns_as_one_cta(cases, ctas_per_row=8, threads=256, smem_per_thread=smem_per_thread)
 
 
 def test_cluster_kernel_is_the_default_where_it_fits_and_refuses_what_it_cannot_hold():

@@ -38,15 +38,19 @@ SPIN_CYCLES = 2_000_000
 
 def parse_gvr_config(spec: str) -> dict:
     """A GVR variant as :func:`gvr_topk` keyword arguments: ``auto`` (its defaults),
-    ``cN[tT]`` (a cluster of N CTAs of T threads per row) or ``THREADSxLOADS[xVEC]`` (one
-    CTA per row with that tuning; VEC 1 or 4 columns per load, omitted: by alignment)."""
+    ``cN[tT][sS]`` (a cluster of N CTAs of T threads per row, S columns per thread in shared
+    memory) or ``THREADSxLOADS[xVEC]`` (one CTA per row with that tuning; VEC 1 or 4
+    columns per load, omitted: by alignment)."""
     if spec == "auto":
         return {}
     if spec.startswith("c"):
-        ctas, sep, threads = spec[1:].partition("t")
-        if ctas in ("2", "4", "8", "16") and (threads in ("256", "512") or not sep):
-            return {"ctas_per_row": int(ctas), **({"threads": int(threads)} if threads else {})}
-        raise ValueError(f"a cluster GVR config is cN or cNtT with N 2/4/8/16 and T 256/512, got {spec!r}")
+        rest, ssep, smem = spec[1:].partition("s")
+        ctas, sep, threads = rest.partition("t")
+        if (ctas in ("2", "4", "8", "16") and (threads in ("256", "512") or not sep)
+                and (smem in ("0", "16", "32") or not ssep)):
+            return {"ctas_per_row": int(ctas), **({"threads": int(threads)} if threads else {}),
+                    **({"smem_per_thread": int(smem)} if smem else {})}
+        raise ValueError(f"a cluster GVR config is cN[tT][sS] with N 2/4/8/16, T 256/512 and S 0/16/32, got {spec!r}")
     try:
         threads, loads, *vec = (int(v) for v in spec.split("x"))
     except ValueError:

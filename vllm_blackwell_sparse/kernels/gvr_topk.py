@@ -3,8 +3,8 @@
 Two kernels, one interface (:func:`gvr_topk`), chosen per (rows, width) by
 :func:`default_kernel`: one CTA per row (``GvrTopKSm90``, below), which streams the row
 from memory in every pass, and a thread-block cluster of 2-8 CTAs per row
-(``GvrTopKCluster``), which holds the row in registers and agrees through distributed
-shared memory. Semantics are those of
+(``GvrTopKCluster``), which holds the row in registers (or partly in shared memory) and
+agrees through distributed shared memory. Semantics are those of
 ``reference/topk.py``: an unordered set of ``k`` column indices per row (``-1``
 padded when the row is shorter), values ordered ``NaN > +inf > ... > -inf`` with
 ``-0 == +0``, ties at the cutoff won by lower column indices.
@@ -45,12 +45,14 @@ instruction-bound, about 20 µs per pass over 128K columns. Counting ``key >= T_
 instead of the histogram pass was exact but 12-28% slower (more instructions per column),
 so the histogram pass stays; speed at small batches needs several CTAs per row (the
 cluster kernel). The cluster kernel is instruction-bound too (one CTA of 16 warps per
-SM at 32 columns per thread): what counts is instructions per key. Its verify round
-sends every key through one unconditional shared-memory atomic (a branch per key, with
-its reconvergence, cost more; removing it gained 2-13%). Its emit gives each lane's keys
-above the crossing bin one run of output slots from a single warp scan, written with
-predicated stores: the scan per 4-column group it replaced cost ~60 instructions per key
-and took 4.4 of 12.5 µs per CTA at 1 x 128K (benchmarks/topk_timeline.py).
+SM at 32 columns per thread): what counts is instructions per key, and memory
+instructions most. Its verify round sends every key through one unconditional
+shared-memory atomic (a branch per key, with its reconvergence, cost more; removing it
+gained 2-13%), into its bin, an "above the window" entry or a spare "below" entry, 7
+instructions per key. Its emit marks each lane's keys above the crossing bin in a bit
+mask and then stores only the marked columns, in one run of output slots from a single
+warp scan: a store instruction per key, even predicated off, had cost 1.3 µs per CTA at
+1 x 128K (benchmarks/topk_timeline.py; these two changes together: 13.9 -> 12.6 µs).
 Neither kernel synchronises with the host or allocates: both can be captured in a CUDA
 graph.
 """
@@ -64,7 +66,11 @@ from vllm_blackwell_sparse.kernels import target_arch
 
 DEFAULT_THREADS = 512  # per CTA (one CTA per row); at least BINS
 BINS = 256
-HIST_STRIDE = BINS + 4  # the cluster kernel's warp histogram: the bins, a spare bin at BINS, padding to 16 bytes
+# The cluster kernel's warp histogram: the bins, then at ABOVE the keys above the window and at
+# BELOW the keys below it (which nothing reads), padded to 16 bytes.
+ABOVE = BINS
+BELOW = BINS + 1
+HIST_STRIDE = BINS + 4
 CAP_FACTOR = 3
 VEC_WIDTHS = (1, 4)  # columns per load; 4: 128-bit loads, for rows that are 16-byte aligned
 # Loads each lane issues before using any of them, per load width: the row scans are
@@ -81,6 +87,8 @@ CLUSTER_THREADS = 512
 CLUSTER_SIZES = (2, 4, 8, 16)
 CLUSTER_THREAD_COUNTS = (256, 512)
 CLUSTER_COLUMNS_PER_THREAD = (8, 16, 32, 48, 64)
+# Of those, how many a thread may keep in shared memory instead (at most half).
+CLUSTER_SMEM_COLUMNS_PER_THREAD = (0, 16, 32)
 MAX_CLUSTER_ROWS = 65535  # rows are the cluster kernel's grid y, which CUDA caps there
 
 _COMPILED: dict[tuple, object] = {}
@@ -153,21 +161,22 @@ def _kernel_module():
         llvm.store(Int32(value).ir_value(loc=loc, ip=ip), _peer_address(smem_ptr, peer, loc=loc, ip=ip), loc=loc, ip=ip)
 
     @dsl_user_op
-    def store_global_if(gmem_ptr, value, pred, *, loc=None, ip=None):
-        """``*gmem_ptr = value`` (Int32, global memory) where ``pred`` is non-zero, as one
-        predicated store: an ``if`` around the store compiled to a branch and a
-        reconvergence per key, with the address rebuilt inside each."""
-        addr = llvm.ptrtoint(T.i64(), gmem_ptr.to_llvm_ptr(loc=loc, ip=ip), loc=loc, ip=ip)
+    def copy_16_bytes_async(smem_ptr, gmem_ptr, *, loc=None, ip=None):
+        """Start copying 16 bytes from global to shared memory (``cp.async.cg``): the data
+        goes to shared memory without passing through registers."""
+        dst = llvm.ptrtoint(T.i32(), smem_ptr.to_llvm_ptr(loc=loc, ip=ip), loc=loc, ip=ip)
+        src = llvm.ptrtoint(T.i64(), gmem_ptr.to_llvm_ptr(loc=loc, ip=ip), loc=loc, ip=ip)
         llvm.inline_asm(
-            None,
-            [addr, Int32(value).ir_value(loc=loc, ip=ip), Int32(pred).ir_value(loc=loc, ip=ip)],
-            "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p st.global.b32 [$0], $1; }",
-            "l,r,r",
-            has_side_effects=True,
-            is_align_stack=False,
-            asm_dialect=llvm.AsmDialect.AD_ATT,
-            loc=loc,
-            ip=ip,
+            None, [dst, src], "cp.async.cg.shared.global [$0], [$1], 16;", "r,l",
+            has_side_effects=True, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT, loc=loc, ip=ip,
+        )
+
+    @dsl_user_op
+    def wait_async_copies(*, loc=None, ip=None):
+        """Wait until this thread's ``copy_16_bytes_async`` copies have landed."""
+        llvm.inline_asm(
+            None, [], "cp.async.commit_group; cp.async.wait_group 0;", "",
+            has_side_effects=True, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT, loc=loc, ip=ip,
         )
 
     @cute.jit
@@ -183,21 +192,20 @@ def _kernel_module():
         return above
 
     @cute.jit
-    def count_in_window_branch_free(key, floor, lo, shift, hist, above):
+    def count_in_window_branch_free(key, floor, lo, shift, hist):
         """``count_in_window`` without a branch, for the cluster kernel: a key ``>= floor``
-        (``lo``, or higher to leave out padding keys) inside the window adds one to its bin
-        of this warp's histogram ``hist`` (a pointer), one above it to ``above``; every
-        other key adds one to the spare bin ``BINS``, which nothing reads. Most keys are
-        below the window, and there a branch per key (with its reconvergence) cost more
-        than the atomic: 6-13% faster at 16-64 rows (benchmarks/results/topk_h200_gvr_branch_free.json).
-        The one-CTA kernel keeps the branch: this form needs more registers there, which
-        cost it a resident CTA per SM and 0-6% at 64-128 rows."""
-        inside = key >= floor
-        b = (key - lo) >> Uint32(shift)
-        above += Int32(inside & (b >= Uint32(BINS)))
-        slot = cutlass.select_(inside & (b < Uint32(BINS)), Int32(b), Int32(BINS))
+        (``lo``, or higher to leave out padding keys) adds one to its entry of this warp's
+        histogram ``hist`` (a pointer): its bin inside the window, ``ABOVE`` above it,
+        ``BELOW`` below it. Most keys are below the window, and there a branch per key
+        (with its reconvergence) cost more than the atomic: 6-13% faster at 16-64 rows
+        (benchmarks/results/topk_h200_gvr_branch_free.json); a predicated atomic compiles
+        to the same branch. The shared-memory atomic adds of 1 compile to ``ATOMS.POPC.INC``,
+        one update per distinct address of the warp. The one-CTA kernel keeps the branch:
+        this form needs more registers there, which cost it a resident CTA per SM and 0-6%
+        at 64-128 rows."""
+        b = cutlass.min((key - lo) >> Uint32(shift), Uint32(ABOVE))
+        slot = cutlass.select_(key >= floor, Int32(b), Int32(BELOW))
         cute.arch.atomic_add(hist + slot, Int32(1))
-        return above
 
     @cute.jit
     def window_over(lo, hi):
@@ -347,15 +355,15 @@ def _kernel_module():
             cute.arch.barrier()
 
         @cute.jit
-        def lower_warps_counts(self, first_bin, thr_bin, base, tie_base, sHist, sWarp, sWarpTie, warp, lane):
+        def lower_warps_counts(self, first_bin, thr_bin, base, tie_base, above_w, sHist, sWarp, sWarpTie, warp, lane):
             """From the per-warp histograms of the deciding round: the keys of the lower
-            warps in bins ``first_bin`` and up (plus those above the window, which
-            ``sWarp`` holds), and in bin ``thr_bin``, added to ``base`` / ``tie_base``.
+            warps in bins ``first_bin`` and up (plus those above the window, ``above_w``
+            for this warp), and in bin ``thr_bin``, added to ``base`` / ``tie_base``.
             These are a warp's write offsets. Every thread of the CTA must call it."""
             mine = Int32(0)
             for b in cutlass.range(first_bin + lane, BINS, 32):
                 mine += sHist[b, warp]
-            mine = cute.arch.warp_reduction_sum(mine) + sWarp[warp]
+            mine = cute.arch.warp_reduction_sum(mine) + above_w
             ties_w = sHist[thr_bin, warp]
             cute.arch.barrier()
             if lane == 0:
@@ -526,7 +534,7 @@ def _kernel_module():
                 count_gt_bin = sPick[2]  # keys above the chosen bin
                 # Survivors (and keys in the chosen bin) of the lower warps.
                 base_w, tie_base_w = self.lower_warps_counts(
-                    thr_bin, thr_bin, Int32(0), Int32(0), sHist, sWarp, sWarpTie, warp, lane
+                    thr_bin, thr_bin, Int32(0), Int32(0), sWarp[warp], sHist, sWarp, sWarpTie, warp, lane
                 )
 
                 if shift == 0:
@@ -586,8 +594,11 @@ def _kernel_module():
 
     class GvrTopKCluster(GvrTopKSm90):
         """A thread-block cluster of ``cluster`` CTAs per row; each CTA keeps its share of
-        the row in registers (``per_thread`` columns per thread), so the verify rounds
-        re-read nothing from memory. The CTAs agree on every decision through distributed
+        the row on chip (``per_thread`` columns per thread), so the verify rounds re-read
+        nothing from memory: in registers, or the last ``smem_per_thread`` of each thread's
+        columns in shared memory (copied there with ``cp.async``, read back with 128-bit
+        loads), which frees registers so that more CTAs fit on an SM, and so more rows'
+        clusters at once. The CTAs agree on every decision through distributed
         shared memory: each publishes its 256-bin histogram, a cluster barrier, then every
         CTA sums all of them and takes the same decision.
 
@@ -598,10 +609,17 @@ def _kernel_module():
         to the leader CTA's shared memory, where the radix refine picks the rest. With a good hint that bin holds a
         few hundred keys instead of the ~k survivors the one-CTA kernel refines."""
 
-        def __init__(self, k, has_hint, use_row_slot, threads, cluster, per_thread):
+        def __init__(self, k, has_hint, use_row_slot, threads, cluster, per_thread, smem_per_thread=0):
             super().__init__(k, has_hint, use_row_slot, threads, per_thread // 4, 4)
             self.cluster = cluster
             self.groups = per_thread // 4  # 128-bit loads per lane
+            # The last smem_per_thread of a thread's columns are kept in shared memory, the
+            # rest in registers: fewer registers per thread, so that more CTAs fit per SM.
+            self.smem_groups = smem_per_thread // 4
+            self.reg_groups = self.groups - self.smem_groups
+            # CTAs per SM to compile for (caps the registers) when part of the row is in
+            # shared memory: as many as ~48 registers per thread besides the register columns allow.
+            self.min_ctas_per_sm = max(1, 65536 // (threads * (4 * self.reg_groups + 48))) if smem_per_thread else 0
             self.capacity = cluster * threads * per_thread  # columns a row may have
             # The leader holds only the crossing bin's keys: at most k (a fuller bin is
             # narrowed by one more round), which keeps shared memory, and so occupancy, small.
@@ -614,7 +632,18 @@ def _kernel_module():
                 block=[self.threads, 1, 1],
                 cluster=[self.cluster, 1, 1],
                 stream=stream,
+                # With part of the row in shared memory, compile for min_ctas_per_sm CTAs per SM
+                # (this caps the registers; the carveout is given so that compiling needs no GPU).
+                min_blocks_per_mp=self.min_ctas_per_sm,
+                preferred_smem_carveout=100 if const_expr(self.smem_groups > 0) else None,
             )
+
+        @cute.jit
+        def smem_keys(self, sKeys, tidx, gs):
+            """The 4 keys of this thread's shared-memory group ``gs`` (one 128-bit load)."""
+            frag = cute.make_rmem_tensor((4,), Uint32)
+            cute.autovec_copy(sKeys[None, tidx, gs], frag)
+            return [frag[i] for i in range(4)]
 
         @cute.jit
         def cluster_sync(self):
@@ -677,6 +706,13 @@ def _kernel_module():
             # Per entry of the shared histograms: the sum over the lower-ranked CTAs (this
             # CTA's write offsets, taken while the verify round reads every CTA's entry).
             sBefore = smem.allocate_tensor(Int32, cute.make_layout(BINS + 4), 16)
+            # The shared-memory share of the row: group gs of thread t at [:, t, gs], so that a
+            # warp's 128-bit loads of one group are contiguous.
+            sKeys = sBefore
+            if const_expr(self.smem_groups > 0):
+                sKeys = smem.allocate_tensor(
+                    Uint32, cute.make_layout((4, self.threads, self.smem_groups), stride=(1, 4, 4 * self.threads)), 16
+                )
 
             length = cutlass.min(mLens[row], mBits.shape[1])
             length = cutlass.max(length, Int32(0))
@@ -709,13 +745,19 @@ def _kernel_module():
                 seg_hi = cutlass.min(seg_lo + seg, length)
                 # ---- 0. the row into registers: group g of a lane holds the 4 columns
                 # from seg_lo + (32 g + lane) * 4; columns past seg_hi get key 0, which no
-                # value has (the smallest key, -inf's, is 0x007FFFFF).
+                # value has (the smallest key, -inf's, is 0x007FFFFF). The shared-memory
+                # groups are copied there directly, converted to keys below.
                 frags = []
-                for g in cutlass.range_constexpr(self.groups):
+                for g in cutlass.range_constexpr(self.reg_groups):
                     frag = cute.make_rmem_tensor((4,), Int32)
                     first = seg_lo + (32 * g + lane) * 4
                     cute.autovec_copy(mChunks[None, cutlass.min(first, length - 1) // 4], frag)
                     frags.append(frag)
+                for gs in cutlass.range_constexpr(self.smem_groups):
+                    first = seg_lo + (32 * (self.reg_groups + gs) + lane) * 4
+                    copy_16_bytes_async(
+                        sKeys[None, tidx, gs].iterator, mChunks[None, cutlass.min(first, length - 1) // 4].iterator
+                    )
 
                 # ---- 1. guess: statistics of the hinted keys ----
                 hmin = Uint32(0xFFFFFFFF)
@@ -730,10 +772,20 @@ def _kernel_module():
                             hmax = cutlass.max(hmax, key)
                             nvalid += 1
                 keys = []
-                for g in cutlass.range_constexpr(self.groups):
+                for g in cutlass.range_constexpr(self.reg_groups):
                     first = seg_lo + (32 * g + lane) * 4
                     for i in cutlass.range_constexpr(4):
                         keys.append(Uint32(cutlass.select_(first + i < seg_hi, ordered_key(frags[g][i]), Uint32(0))))
+                if const_expr(self.smem_groups > 0):
+                    # Each thread converts only its own groups: no barrier needed.
+                    wait_async_copies()
+                    for gs in cutlass.range_constexpr(self.smem_groups):
+                        first = seg_lo + (32 * (self.reg_groups + gs) + lane) * 4
+                        frag = cute.make_rmem_tensor((4,), Uint32)
+                        cute.autovec_copy(sKeys[None, tidx, gs], frag)
+                        for i in cutlass.range_constexpr(4):
+                            frag[i] = Uint32(cutlass.select_(first + i < seg_hi, ordered_key(frag[i]), Uint32(0)))
+                        cute.autovec_copy(frag, sKeys[None, tidx, gs])
                 nvalid, hmin, hmax = self.block_hint_stats(nvalid, hmin, hmax, sRed2, sRedU2, tidx)
                 if tidx == 0:
                     sStats[0] = Int32(hmin)
@@ -760,24 +812,24 @@ def _kernel_module():
                 parity = Int32(0)
                 hist = sHist.iterator + warp * HIST_STRIDE
                 while done == 0:
-                    self.zero_warp_histogram(sHist, warp, lane)
-                    above = Int32(0)
+                    for b in cutlass.range(lane, ABOVE + 1, 32):
+                        sHist[b, warp] = 0
+                    cute.arch.barrier()
                     floor = cutlass.max(lo, Uint32(1))  # padding columns hold key 0
                     for j in cutlass.range_constexpr(len(keys)):
-                        above = count_in_window_branch_free(keys[j], floor, lo, shift, hist, above)
-                    self.publish_warp_above(above, sWarp, warp, lane)
-                    # Entries 0..BINS-1 are the bins, entry BINS the count above the window.
-                    for e in cutlass.range(tidx, BINS + 1, self.threads):
+                        count_in_window_branch_free(keys[j], floor, lo, shift, hist)
+                    for gs in cutlass.range_constexpr(self.smem_groups):
+                        for key in self.smem_keys(sKeys, tidx, gs):
+                            count_in_window_branch_free(key, floor, lo, shift, hist)
+                    cute.arch.barrier()
+                    # Entries 0..BINS-1 are the bins, entry ABOVE (= BINS) the count above the window.
+                    for e in cutlass.range(tidx, ABOVE + 1, self.threads):
                         tot = Int32(0)
-                        if e < BINS:
-                            for w in cutlass.range_constexpr(self.warps):
-                                tot += sHist[e, w]
-                        else:
-                            for w in cutlass.range_constexpr(self.warps):
-                                tot += sWarp[w]
+                        for w in cutlass.range_constexpr(self.warps):
+                            tot += sHist[e, w]
                         sShare[e, parity] = tot
                     self.cluster_sync()
-                    for e in cutlass.range(tidx, BINS + 1, self.threads):
+                    for e in cutlass.range(tidx, ABOVE + 1, self.threads):
                         tot = Int32(0)
                         before = Int32(0)
                         for r in cutlass.range_constexpr(C):
@@ -805,7 +857,8 @@ def _kernel_module():
                     gt_before += sBefore[e]
                 gt_before = cute.arch.warp_reduction_sum(gt_before)
                 gt_pos, bin_pos = self.lower_warps_counts(
-                    thr_bin + 1, thr_bin, gt_before, sBefore[thr_bin], sHist, sWarp, sWarpTie, warp, lane
+                    thr_bin + 1, thr_bin, gt_before, sBefore[thr_bin], sHist[ABOVE, warp], sHist, sWarp, sWarpTie, warp,
+                    lane,
                 )
 
                 # ---- 4. emit the keys above the crossing bin; the crossing bin's keys go
@@ -816,28 +869,33 @@ def _kernel_module():
                 bin_first = lo + (Uint32(thr_bin) << Uint32(shift))
                 bin_last = bin_first + ((Uint32(1) << Uint32(shift)) - Uint32(1))
                 bin_first = Uint32(cutlass.max(bin_first, Uint32(1)))
-                # Keys above the bin: any order is a valid set, so each lane writes its own
-                # in one run from one warp scan of its count (the offsets are lane-major,
-                # deterministic). The bin's keys keep column order (the tie rule: lower
-                # columns first), so they go per 4-column group, which warps holding none
-                # of them in that group skip. Both in one pass over the groups, so that each
-                # key's register is free after its group (64 columns per thread spilled
-                # when all keys stayed live until a second pass).
-                n_gt = Int32(0)
-                for j in cutlass.range_constexpr(len(keys)):
-                    n_gt += Int32(keys[j] > bin_last)
-                out_ptr = mOut[row, None].iterator + (gt_pos + warp_inclusive_scan(n_gt, lane) - n_gt)
+                # Keys above the bin: any order is a valid set, so each lane marks its own in
+                # a bit mask (bit j: keys[j]) and afterwards stores only the marked columns,
+                # in one run of output slots from one warp scan of its count (lane-major,
+                # deterministic). A predicated store per key issued a store instruction per
+                # key, nearly all of them with no lane active. The bin's keys keep column
+                # order (the tie rule: lower columns first), so they go per 4-column group,
+                # which warps holding none of them in that group skip. Both in one pass over
+                # the groups, so that each key's register is free after its group (64
+                # columns per thread spilled when all keys stayed live until a second pass).
+                # A key is in the bin when key - bin_first (unsigned, wrapping below it) is at
+                # most bin_span: the group's smallest difference tells whether any is.
+                bin_span = bin_last - bin_first
+                gt_bits = [Uint32(0) for _ in range((4 * self.groups + 31) // 32)]
                 for g in cutlass.range_constexpr(self.groups):
                     first = seg_lo + (32 * g + lane) * 4
-                    inb = []
+                    group = keys[4 * g:4 * g + 4]
+                    if const_expr(g >= self.reg_groups):
+                        group = self.smem_keys(sKeys, tidx, g - self.reg_groups)
+                    offs = []
                     for i in cutlass.range_constexpr(4):
-                        key = keys[4 * g + i]
-                        is_gt = Int32(key > bin_last)
-                        store_global_if(out_ptr, first + i, is_gt)
-                        out_ptr = out_ptr + is_gt
-                        inb.append(Int32((key >= bin_first) & (key <= bin_last)))
-                    n_in = inb[0] + inb[1] + inb[2] + inb[3]
-                    if cute.arch.vote_any_sync(n_in > 0):
+                        j = 4 * g + i
+                        gt_bits[j // 32] = gt_bits[j // 32] | (Uint32(group[i] > bin_last) << Uint32(j % 32))
+                        offs.append(group[i] - bin_first)
+                    nearest = cutlass.min(cutlass.min(offs[0], offs[1]), cutlass.min(offs[2], offs[3]))
+                    if cute.arch.vote_any_sync(nearest <= bin_span):
+                        inb = [Int32(offs[i] <= bin_span) for i in range(4)]
+                        n_in = inb[0] + inb[1] + inb[2] + inb[3]
                         inc_in = warp_inclusive_scan(n_in, lane)
                         p = bin_pos + inc_in - n_in
                         for i in cutlass.range_constexpr(4):
@@ -846,10 +904,23 @@ def _kernel_module():
                                     if p < need:
                                         mOut[row, count_gt_bin + p] = first + i
                                 else:
-                                    store_peer_i32(sCandKey.iterator + p, 0, keys[4 * g + i])
+                                    store_peer_i32(sCandKey.iterator + p, 0, group[i])
                                     store_peer_i32(sCandIdx.iterator + p, 0, first + i)
                             p += inb[i]
                         bin_pos += cute.arch.shuffle_sync(inc_in, 31)
+                n_gt = Int32(0)
+                for w in cutlass.range_constexpr(len(gt_bits)):
+                    n_gt += Int32(cute.arch.popc(gt_bits[w]))
+                slot = gt_pos + warp_inclusive_scan(n_gt, lane) - n_gt
+                for w in cutlass.range_constexpr(len(gt_bits)):
+                    bits = gt_bits[w]
+                    while bits != Uint32(0):
+                        low = bits & (Uint32(0) - bits)
+                        j = 32 * w + 31 - Int32(cute.arch.clz(low))  # the lowest marked key
+                        # keys[j] is column seg_lo + (32 (j // 4) + lane) * 4 + j % 4
+                        mOut[row, slot] = seg_lo + (32 * (j >> 2) + lane) * 4 + (j & 3)
+                        slot += 1
+                        bits = bits ^ low
                 # Makes the leader's candidates visible to it, and keeps every CTA alive
                 # until no other CTA reads its shared memory.
                 self.cluster_sync()
@@ -932,10 +1003,12 @@ def compile_gvr_topk_cluster(
     per_thread: int,
     ctas_per_row: int = CLUSTER_CTAS,
     threads: int = CLUSTER_THREADS,
+    smem_per_thread: int = 0,
 ):
     """Compile (once per variant and target arch) the cluster kernel: ``ctas_per_row`` CTAs
-    of ``threads`` threads per row, ``per_thread`` columns per thread in registers (rows of
-    up to ``ctas_per_row * threads * per_thread`` columns, 16-byte aligned)."""
+    of ``threads`` threads per row, ``per_thread`` columns per thread (rows of up to
+    ``ctas_per_row * threads * per_thread`` columns, 16-byte aligned), of which
+    ``smem_per_thread`` are kept in shared memory and the rest in registers."""
     if k not in SUPPORTED_K:
         raise ValueError(f"k must be one of {SUPPORTED_K}, got {k}")
     if ctas_per_row not in CLUSTER_SIZES or threads not in CLUSTER_THREAD_COUNTS or per_thread not in CLUSTER_COLUMNS_PER_THREAD:
@@ -944,11 +1017,16 @@ def compile_gvr_topk_cluster(
             f"one of {CLUSTER_COLUMNS_PER_THREAD}, "
             f"got {ctas_per_row}, {threads}, {per_thread}"
         )
-    key = ("cluster", k, has_hint, use_row_slot, per_thread, ctas_per_row, threads, target_arch())
+    if smem_per_thread not in CLUSTER_SMEM_COLUMNS_PER_THREAD or 2 * smem_per_thread > per_thread:
+        raise ValueError(
+            f"smem_per_thread must be one of {CLUSTER_SMEM_COLUMNS_PER_THREAD} and at most half of per_thread "
+            f"({per_thread}), got {smem_per_thread}"
+        )
+    key = ("cluster", k, has_hint, use_row_slot, per_thread, ctas_per_row, threads, smem_per_thread, target_arch())
     if key in _COMPILED:
         return _COMPILED[key]
     _, cluster_cls = _kernel_module()
-    op = cluster_cls(k, has_hint, use_row_slot, threads, ctas_per_row, per_thread)
+    op = cluster_cls(k, has_hint, use_row_slot, threads, ctas_per_row, per_thread, smem_per_thread)
     compiled = _compile_with_fake_tensors(op, k, 4)
     _COMPILED[key] = compiled
     return compiled
@@ -968,6 +1046,7 @@ def gvr_topk(
     loads_in_flight: int | None = None,
     vec_width: int | None = None,
     ctas_per_row: int | None = None,
+    smem_per_thread: int | None = None,
 ) -> torch.Tensor:
     """Exact top-k column indices of each fp32 logits row (semantics: ``reference/topk.py``).
 
@@ -983,7 +1062,9 @@ def gvr_topk(
     :func:`rows_are_16b_aligned`) or 1). ``ctas_per_row`` 2, 4, 8 or 16 runs a thread-block
     cluster of that many CTAs (``threads`` 256 or 512 each) per row, holding the row in
     registers: it needs 16-byte aligned rows of at most ``ctas_per_row * threads * 64``
-    columns. None (the default) takes :func:`default_kernel`'s choice, or one CTA per row
+    columns; ``smem_per_thread`` (0, 16 or 32, at most half of the columns per thread) of
+    each thread's columns go to shared memory instead, which frees registers for more CTAs
+    per SM. None (the default) takes :func:`default_kernel`'s choice, or one CTA per row
     when ``loads_in_flight``, ``vec_width`` or ``threads`` is given alone. No choice
     changes the selected set (the order inside an output row may differ).
     """
@@ -1023,12 +1104,13 @@ def gvr_topk(
     aligned = rows_are_16b_aligned(logits)
     if ctas_per_row is None:
         # A tuning of the one-CTA kernel (any of its knobs given alone) asks for that kernel.
-        if loads_in_flight is not None or vec_width is not None or threads is not None:
-            ctas_per_row = 1
+        if loads_in_flight is not None or vec_width is not None or threads is not None or smem_per_thread is not None:
+            ctas_per_row = 1 if smem_per_thread is None else CLUSTER_CTAS
         else:
-            ctas_per_row, threads = default_kernel(rows, cols, aligned)
+            ctas_per_row, threads, smem_per_thread = default_kernel(rows, cols, aligned)
     if ctas_per_row != 1:
         threads = threads or CLUSTER_THREADS
+        smem_per_thread = smem_per_thread or 0
         per_thread = None
         if ctas_per_row in CLUSTER_SIZES and threads in CLUSTER_THREAD_COUNTS:
             per_thread = cluster_columns_per_thread(cols, ctas_per_row, threads)
@@ -1044,10 +1126,12 @@ def gvr_topk(
             raise ValueError("loads_in_flight and vec_width tune the one-CTA kernel (ctas_per_row=1) only")
         fn = compile_gvr_topk_cluster(
             k, has_hint=has_hint, use_row_slot=use_row_slot, per_thread=per_thread, ctas_per_row=ctas_per_row,
-            threads=threads,
+            threads=threads, smem_per_thread=smem_per_thread,
         )
         fn(logits.view(torch.int32), lens, table if has_hint else out, row_slot if use_row_slot else lens, out)
         return out
+    if smem_per_thread:
+        raise ValueError("smem_per_thread tunes the cluster kernel (ctas_per_row > 1) only")
     if vec_width is None:
         vec_width = 4 if aligned else 1
     elif vec_width == 4 and not aligned:
@@ -1069,39 +1153,57 @@ def gvr_topk(
     return out
 
 
-def default_kernel(rows: int, cols: int, aligned: bool) -> tuple[int, int]:
-    """(ctas_per_row, threads) that :func:`gvr_topk` runs by default for ``rows`` rows of
-    ``cols`` columns: the fastest of the cluster variants (2/4/8 CTAs of 256/512 threads)
-    and the one-CTA kernel (1024 threads) in the H200 sweeps of docs/BENCHMARKS.md ("GVR
-    cluster kernel", "one scan per lane"), per bucket of rows and width. Few rows want
-    many CTAs per row; many rows want few, so that all of them are resident at once; past
-    64 rows of 64K or 128K columns the rows no longer fit in the register files and one
-    CTA per row, which streams the row from L2, is fastest. Rows of 128K-256K columns
-    (unmeasured) take the earlier 128K rule (8 x 512 up to 32 rows). Unaligned rows and
-    rows wider than 256K columns take one CTA per row, and so do more than 65535 rows
-    (the cluster kernel puts rows on the grid's y axis)."""
+def default_kernel(rows: int, cols: int, aligned: bool) -> tuple[int, int, int]:
+    """(ctas_per_row, threads, smem_per_thread) that :func:`gvr_topk` runs by default for
+    ``rows`` rows of ``cols`` columns: the fastest of the cluster variants (2/4/8 CTAs of
+    256/512 threads, all columns in registers or part of them in shared memory) and the
+    one-CTA kernel (1024 threads) in the H200 sweeps of docs/BENCHMARKS.md, per bucket of
+    rows and width (``_DEFAULT_KERNELS`` says which sweep). Few rows want many CTAs per
+    row; many rows want few, so that all of them are resident at once; at 128K columns,
+    past 30 rows the rows' clusters no longer fit in the register files at once and half
+    of each thread's columns go to shared memory; past 128 rows of 64K or 128K columns one
+    CTA per row, which streams the row from L2, is kept (unmeasured there). Rows of
+    128K-256K columns (unmeasured) take the earlier 128K rule (8 x 512 up to 32 rows).
+    Unaligned rows and rows wider than 256K columns take one CTA per row, and so do more
+    than 65535 rows (the cluster kernel puts rows on the grid's y axis)."""
     if not aligned or cluster_columns_per_thread(cols) is None or rows > MAX_CLUSTER_ROWS:
-        return 1, DEFAULT_THREADS
-    return next(choice for most_rows, choice in _width_bucket(cols) if most_rows is None or rows <= most_rows)
+        return 1, DEFAULT_THREADS, 0
+    rule = next(choice for most_rows, choice in _width_bucket(cols) if most_rows is None or rows <= most_rows)
+    return _kernel_choice(cols, *rule)
 
 
-def default_kernels_for_width(cols: int) -> tuple[tuple[int, int], ...]:
-    """Every (ctas_per_row, threads) :func:`default_kernel` can pick for aligned rows of
+def default_kernels_for_width(cols: int) -> tuple[tuple[int, int, int], ...]:
+    """Every (ctas_per_row, threads, smem_per_thread) :func:`default_kernel` can pick for aligned rows of
     ``cols`` columns, whatever the number of rows (what to compile ahead of time)."""
-    return tuple(dict.fromkeys(choice for _, choice in _width_bucket(cols)))
+    return tuple(dict.fromkeys(_kernel_choice(cols, *rule) for _, rule in _width_bucket(cols)))
+
+
+def _kernel_choice(cols: int, ctas: int, threads: int, register_columns: int | None) -> tuple[int, int, int]:
+    """(ctas_per_row, threads, smem_per_thread) of a rule: the columns per thread past
+    ``register_columns`` (None: no limit) go to shared memory."""
+    if ctas == 1 or register_columns is None:
+        return ctas, threads, 0
+    return ctas, threads, max(0, cluster_columns_per_thread(cols, ctas, threads) - register_columns)
 
 
 # default_kernel's rule for aligned rows the cluster kernel holds: per width bucket (most
-# columns, None = up to 256K), per rows bucket (most rows, None = any), (ctas_per_row, threads).
+# columns, None = up to 256K), per rows bucket (most rows, None = any), (ctas_per_row, threads,
+# the most columns per thread kept in registers, the rest in shared memory; None: all in registers).
 # From the sweep of dfaacff (benchmarks/results/topk_h200_gvr_emit_sweep.json); 16-CTA
 # clusters were at most 1.4% faster there (1 row of 128K) and are left out of the default:
-# their size is non-portable. Past 128K (unmeasured) the 128K rule of 7d838f0 stays, with
-# 512 threads so that 8 CTAs hold 256K columns.
+# their size is non-portable. 64K past 64 rows and 128K past 30 rows from the sweep of the
+# shared-memory share (topk_h200_gvr_smem_share_configs.json): with all 64 columns per thread
+# in registers (128 registers, 2 CTAs per SM) the H200 held the 8-CTA clusters of 30 rows of
+# 128K at once but not those of 32, which ran in two waves (25.3 µs against 17.8 at 30 rows,
+# topk_h200_gvr_rows_sweep_128k.json); with 32 of them in shared memory (80 registers, 3 CTAs
+# per SM) 32 rows took 21.5 µs, and 64-128 rows beat the one-CTA kernel (37.7 against 56.6
+# µs at 64 rows). Past 128 rows (unmeasured) one CTA per row stays. Past 128K (unmeasured)
+# the 128K rule of 7d838f0 stays, with 512 threads so that 8 CTAs hold 256K columns.
 _DEFAULT_KERNELS = (
-    (32768, ((8, (8, 256)), (32, (4, 256)), (64, (2, 512)), (None, (2, 256)))),
-    (65536, ((32, (8, 256)), (64, (2, 512)), (None, (1, 1024)))),
-    (131072, ((64, (8, 256)), (None, (1, 1024)))),
-    (None, ((32, (8, 512)), (None, (1, 1024)))),
+    (32768, ((8, (8, 256, None)), (32, (4, 256, None)), (64, (2, 512, None)), (None, (2, 256, None)))),
+    (65536, ((32, (8, 256, None)), (128, (2, 512, None)), (None, (1, 1024, None)))),
+    (131072, ((30, (8, 256, None)), (128, (8, 256, 32)), (None, (1, 1024, None)))),
+    (None, ((32, (8, 512, None)), (None, (1, 1024, None)))),
 )
 
 

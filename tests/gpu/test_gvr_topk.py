@@ -67,15 +67,20 @@ def test_fuzz_100k_rows_against_torch_topk(k, kernel):
     print(f"seed {seed}: {total} rows")
 
 
-@pytest.mark.parametrize("ctas_per_row", [1, 8])
+@pytest.mark.parametrize("kernel", ["1", "8", "8-smem"])
 @pytest.mark.parametrize("kind", ADVERSARIAL_KINDS)
-def test_adversarial_rows_follow_the_tie_rule(kind, ctas_per_row):
-    k, n = 512, 6000
+def test_adversarial_rows_follow_the_tie_rule(kind, kernel):
+    """Ties, ±inf, NaN, constant rows, three values, signed zeros; one CTA per row, 8-CTA
+    clusters, and 8 x 256-thread clusters with 32 of 64 columns per thread in shared
+    memory (100K-column rows, most of them past the row's length: padding columns)."""
+    k, n = 512, 100000 if kernel == "8-smem" else 6000
+    tune = {"1": {"ctas_per_row": 1}, "8": {"ctas_per_row": 8},
+            "8-smem": {"ctas_per_row": 8, "threads": 256, "smem_per_thread": 32}}[kernel]
     logits = torch.stack([adversarial_topk_row(kind, n, seed=s) for s in range(6)]).cuda()
     lens = torch.tensor([n, 5000, 600, 513, 512, 100], dtype=torch.int32, device="cuda")
     want = topk_reference(logits, lens, k)
     for hint in (None, torch.randint(0, n, (6, k), device="cuda", dtype=torch.int32), want.clone()):
-        out = gvr_topk(logits, lens, k, hint=hint, ctas_per_row=ctas_per_row)
+        out = gvr_topk(logits, lens, k, hint=hint, **tune)
         for r in range(6):
             assert set(out[r].tolist()) == set(want[r].tolist()), (kind, r)
 

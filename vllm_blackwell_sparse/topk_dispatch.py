@@ -1,11 +1,12 @@
 """Decode top-k dispatcher: GVR where it measured faster than vLLM's own kernel, vLLM's elsewhere.
 
-The crossover comes from ``vbs bench topk`` on the H200 (docs/BENCHMARKS.md, "one scan
-per lane": DSA-like traces, k = 2048, 16-byte aligned rows). GVR (its default kernel
-choice, ``gvr_topk.default_kernel``) beats vLLM's choice (cooperative top-k up to 32 rows,
-persistent above) everywhere measured except many short rows: 128 rows of at most 32K
-columns (0.83-0.87x), where vLLM's persistent kernel keeps every SM busy with less work
-per row. 64 rows of 16K-32K were level (1.02-1.06x) and go to GVR. Other GPUs, unaligned
+The crossover comes from ``vbs bench topk`` on the H200 (docs/BENCHMARKS.md, "a bit-mask
+emit, a leaner verify count, part of the row in shared memory": DSA-like traces, k = 2048,
+16-byte aligned rows; first set by the "one scan per lane" grid, unchanged since). GVR (its
+default kernel choice, ``gvr_topk.default_kernel``) beats vLLM's choice (cooperative top-k
+up to 32 rows, persistent above) everywhere measured except many short rows: 128 rows of
+at most 32K columns (0.90-0.94x hot), where vLLM's persistent kernel keeps every SM busy
+with less work per row. 64 rows of 16K-32K were level to ahead (1.01-1.12x) and go to GVR. Other GPUs, unaligned
 rows and k outside GVR's sizes get vLLM's kernel. vLLM glue: it calls ``torch.ops._C``.
 """
 

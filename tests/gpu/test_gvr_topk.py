@@ -10,6 +10,13 @@ from vllm_blackwell_sparse.reference import topk_reference
 from vllm_blackwell_sparse.workloads import ADVERSARIAL_KINDS, adversarial_topk_row
 
 
+# gvr_topk arguments of the kernel forms the fuzz and the adversarial rows run: one CTA per
+# row, 8-CTA clusters with every column in registers, and 8 x 256-thread clusters keeping
+# 32 columns per thread in shared memory (rows of 49-64 columns per thread).
+KERNELS = {"1": {"ctas_per_row": 1}, "8": {"ctas_per_row": 8},
+           "8-smem": {"ctas_per_row": 8, "threads": 256, "smem_per_thread": 32}}
+
+
 def check_rows(logits, lens, k, out):
     """Per row: k (or all L) valid unique indices then -1; values = torch.topk's as multisets."""
     rows, n = logits.shape
@@ -30,7 +37,7 @@ def check_rows(logits, lens, k, out):
     torch.testing.assert_close(torch.sort(got, 1).values, torch.sort(want, 1).values, rtol=0, atol=0, equal_nan=True)
 
 
-@pytest.mark.parametrize("kernel", ["1", "8", "8-smem"])
+@pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize("k", [512, 1024, 2048])
 def test_fuzz_100k_rows_against_torch_topk(k, kernel):
     """About 10^5 fresh rows per kernel (a third per k): one CTA per row, 8-CTA clusters
@@ -39,8 +46,7 @@ def test_fuzz_100k_rows_against_torch_topk(k, kernel):
     widths are multiples of 4, up to 256K (up to 128K with the shared-memory share)."""
     seed = random.randrange(1 << 30)
     g = torch.Generator(device="cuda").manual_seed(seed)
-    tune = {"1": {"ctas_per_row": 1}, "8": {"ctas_per_row": 8},
-            "8-smem": {"ctas_per_row": 8, "threads": 256, "smem_per_thread": 32}}[kernel]
+    tune = KERNELS[kernel]
     total = 0
     while total < 100_000 // 3 + 1:
         rows = random.choice([1, 7, 64, 1000, 4096])
@@ -67,15 +73,14 @@ def test_fuzz_100k_rows_against_torch_topk(k, kernel):
     print(f"seed {seed}: {total} rows")
 
 
-@pytest.mark.parametrize("kernel", ["1", "8", "8-smem"])
+@pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize("kind", ADVERSARIAL_KINDS)
 def test_adversarial_rows_follow_the_tie_rule(kind, kernel):
     """Ties, ±inf, NaN, constant rows, three values, signed zeros; one CTA per row, 8-CTA
     clusters, and 8 x 256-thread clusters with 32 of 64 columns per thread in shared
     memory (100K-column rows, most of them past the row's length: padding columns)."""
     k, n = 512, 100000 if kernel == "8-smem" else 6000
-    tune = {"1": {"ctas_per_row": 1}, "8": {"ctas_per_row": 8},
-            "8-smem": {"ctas_per_row": 8, "threads": 256, "smem_per_thread": 32}}[kernel]
+    tune = KERNELS[kernel]
     logits = torch.stack([adversarial_topk_row(kind, n, seed=s) for s in range(6)]).cuda()
     lens = torch.tensor([n, 5000, 600, 513, 512, 100], dtype=torch.int32, device="cuda")
     want = topk_reference(logits, lens, k)

@@ -340,9 +340,10 @@ def _kernel_module():
             cute.arch.barrier()
 
         @cute.jit
-        def zero_warp_histogram(self, sHist, warp, lane):
-            """Start of a verify round: this warp's bins zeroed, then a CTA barrier."""
-            for b in cutlass.range(lane, BINS, 32):
+        def zero_warp_histogram(self, sHist, warp, lane, entries: cutlass.Constexpr = BINS):
+            """Start of a verify round: this warp's first ``entries`` histogram entries (its
+            bins, and in the cluster kernel its count above the window) zeroed, then a CTA barrier."""
+            for b in cutlass.range(lane, entries, 32):
                 sHist[b, warp] = 0
             cute.arch.barrier()
 
@@ -709,7 +710,7 @@ def _kernel_module():
             sBefore = smem.allocate_tensor(Int32, cute.make_layout(BINS + 4), 16)
             # The shared-memory share of the row: group gs of thread t at [:, t, gs], so that a
             # warp's 128-bit loads of one group are contiguous.
-            sKeys = sBefore
+            sKeys = None
             if const_expr(self.smem_groups > 0):
                 sKeys = smem.allocate_tensor(
                     Uint32, cute.make_layout((4, self.threads, self.smem_groups), stride=(1, 4, 4 * self.threads)), 16
@@ -813,9 +814,7 @@ def _kernel_module():
                 parity = Int32(0)
                 hist = sHist.iterator + warp * HIST_STRIDE
                 while done == 0:
-                    for b in cutlass.range(lane, ABOVE + 1, 32):
-                        sHist[b, warp] = 0
-                    cute.arch.barrier()
+                    self.zero_warp_histogram(sHist, warp, lane, ABOVE + 1)
                     floor = cutlass.max(lo, Uint32(1))  # padding columns hold key 0
                     for j in cutlass.range_constexpr(len(keys)):
                         count_in_window_branch_free(keys[j], floor, lo, shift, hist)

@@ -1,7 +1,9 @@
 import os
 
-from vllm_blackwell_sparse.config import CONFIG_KEYS, env_var
+from vllm_blackwell_sparse.envs import ENV_VARS
 
-# Keep the developer's VBS_<key> settings out of the tests (VBS_TEST_ARTIFACTS stays).
-for _key in CONFIG_KEYS:
-    os.environ.pop(env_var(_key), None)
+# Keep the developer's VBS_* settings out of the tests; VBS_TEST_ARTIFACTS (where GPU
+# tests write) and VBS_COMMIT (a label) stay.
+for _name in ENV_VARS:
+    if _name not in ("VBS_TEST_ARTIFACTS", "VBS_COMMIT"):
+        os.environ.pop(_name, None)

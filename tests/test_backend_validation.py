@@ -240,7 +240,9 @@ def test_forward_hands_dense_attention_the_kv_planes_and_unpadded_slices(monkeyp
     import vllm_blackwell_sparse.backend as backend
     from vllm_blackwell_sparse.reference import paged_attention_dense
 
-    def fake_fa4(q, k, v, *, out, cu_seqlens_q, seq_lens, block_table, max_query_len, max_seq_len, softmax_scale):
+    def fake_fa4(q, k, v, *, out, cu_seqlens_q, seq_lens, block_table, max_query_len, max_seq_len, softmax_scale,
+                 scheduler_metadata=None, num_splits=0):
+        assert scheduler_metadata is None and num_splits == 0  # a CPU builder plans no FA3 schedule
         out.copy_(paged_attention_dense(q, k, v, block_table, cu_seqlens_q, seq_lens, softmax_scale).to(out.dtype))
         return out
 
@@ -278,3 +280,54 @@ def test_dense_attention_is_fa3_on_hopper_only_where_vllm_ships_it(monkeypatch, 
         assert backend.dense_fa_version() == want
     finally:
         backend.dense_fa_version.cache_clear()
+
+
+def make_spec_builder(num_speculative_tokens, monkeypatch, factor=None):
+    if factor is not None:
+        monkeypatch.setenv("VBS_DECODE_THRESHOLD_SCALE_FACTOR", str(factor))
+    vllm_config = SimpleNamespace(
+        speculative_config=SimpleNamespace(num_speculative_tokens=num_speculative_tokens, parallel_drafting=False),
+        parallel_config=SimpleNamespace(decode_context_parallel_size=1),
+    )
+    return BlackwellSparseMetadataBuilder(kv_cache_spec=None, layer_names=["l0"], vllm_config=vllm_config, device="cpu")
+
+
+def test_non_uniform_decode_query_lengths_are_routed_dense_never_misread(monkeypatch):
+    """Query lengths [1, 3] at B = 2 with 2 speculative tokens: both rows are decodes of
+    different lengths, whose 4 tokens the kernel (uniform next_n) would misread as 2 x 2;
+    the builder marks the batch dense instead. Uniform [3, 3] runs the kernel."""
+    b = make_spec_builder(2, monkeypatch, factor=20)
+    md = b.build(0, common_metadata([1, 3], [100, 200]))
+    assert (md.num_decodes, md.decode_query_len, md.blasst_decode) == (2, 0, False)
+    md = b.build(0, common_metadata([3, 3], [100, 200]))
+    assert (md.num_decodes, md.decode_query_len, md.blasst_decode) == (2, 3, True)
+    # Without speculative tokens a 3-token row is a prefill: the decode row alone runs the kernel.
+    md = make_spec_builder(None, monkeypatch, factor=20).build(0, common_metadata([1, 3], [100, 200]))
+    assert (md.num_decodes, md.num_prefills, md.decode_query_len, md.blasst_decode) == (1, 1, 1, True)
+
+
+def test_dense_impl_refuses_a_batch_marked_dense_for_the_kernel(monkeypatch):
+    """The impl keeps such a batch dense (and says why once) even with the factor set."""
+    import vllm_blackwell_sparse.backend as backend
+
+    monkeypatch.setenv("VBS_DECODE_THRESHOLD_SCALE_FACTOR", "20")
+    calls = []
+    monkeypatch.setattr(backend, "dense_paged_attention", lambda q, k, v, **kw: calls.append(kw["seq_lens"]))
+    impl = BlackwellSparseImpl(**IMPL_ARGS)
+    md = make_spec_builder(2, monkeypatch).build(0, common_metadata([1, 3], [100, 200]))
+    impl.forward(None, torch.randn(4, 8, 128), None, None, torch.zeros(2, 20, 16, 2, 128), md, torch.empty(4, 8, 128))
+    assert len(calls) == 1 and calls[0].tolist() == [100, 200]
+
+
+def test_blasst_on_blackwell_needs_the_explicit_opt_in(monkeypatch):
+    import vllm_blackwell_sparse.backend as backend
+
+    monkeypatch.setattr(backend, "fa4_unavailable_reason", lambda: None)
+    monkeypatch.setenv("VBS_DECODE_THRESHOLD_SCALE_FACTOR", "20")
+    refused = reasons(device_capability=B200)
+    assert any("VBS_ENABLE_UNVERIFIED_SM100=1" in r and "never run on sm_100" in r for r in refused), refused
+    monkeypatch.setenv("VBS_ENABLE_UNVERIFIED_SM100", "1")
+    assert not reasons(device_capability=B200)
+    monkeypatch.delenv("VBS_DECODE_THRESHOLD_SCALE_FACTOR")
+    monkeypatch.delenv("VBS_ENABLE_UNVERIFIED_SM100")
+    assert not reasons(device_capability=B200)  # dense FA4 needs no opt-in

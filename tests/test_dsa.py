@@ -298,3 +298,95 @@ def test_reset_keeps_the_runner_hook():
     state.layers["x"] = None
     state.reset()
     assert state.runner_hooked and state.layers == {}
+
+
+def test_a_dummy_run_leaves_the_pinned_staging_buffers_alone():
+    """An idle data-parallel rank's dummy run clears the rows outside vLLM's input-prep
+    synchronisation, while the previous step's copy out of the pinned staging buffers may
+    still be in flight: the clear must only touch the device buffers."""
+    state = dsa.GvrHintState()
+    state.runner_hooked = True
+    state._allocate_shared(max_num_seqs=4, max_rows=6, device=torch.device("cpu"))
+    state.on_step(["a", "b", "c"], {"a": 1, "b": 1, "c": 1}, [])
+    staged = (state._host_read.clone(), state._host_write.clone())
+    state.clear_rows()
+    assert torch.equal(state._host_read, staged[0]) and torch.equal(state._host_write, staged[1])
+    assert state.read_slot.tolist() == [-1] * 6 and state.write_slot.tolist() == [state.num_slots] * 6
+
+
+def test_the_runner_hook_clears_rows_before_vllms_dummy_run(monkeypatch):
+    """On a fake runner class: the wrapped _dummy_run clears the rows first, then runs vLLM's."""
+    import types
+
+    calls = []
+
+    class FakeRunner:
+        def _update_states(self, scheduler_output):
+            calls.append("update")
+
+        def _dummy_run(self, *args, **kwargs):
+            calls.append(("dummy", state.read_slot.tolist()))
+
+    state = dsa.GvrHintState()
+    monkeypatch.setattr(dsa, "_STATE", state)
+    dsa._patch_runner_module(types.SimpleNamespace(GPUModelRunner=FakeRunner))
+    state._allocate_shared(max_num_seqs=2, max_rows=3, device=torch.device("cpu"))
+    state.read_slot.fill_(1)
+    FakeRunner()._dummy_run(1)
+    assert calls == [("dummy", [-1, -1, -1])]
+
+
+@pytest.mark.parametrize("parallel,overrides,fragment", [
+    (dict(enable_dbo=True, ubatch_size=0), {}, "micro-batching"),
+    (dict(enable_dbo=False, ubatch_size=2), {}, "micro-batching"),
+    (dict(enable_dbo=False, ubatch_size=0),
+     {"DeepseekV32ForCausalLM": "vllm.models.deepseek_v32.nvidia.model:DeepseekV32ForCausalLM"}, "calls the indexer"),
+])
+def test_configurations_where_gvr_does_not_apply_are_named(parallel, overrides, fragment):
+    import types
+
+    cfg = types.SimpleNamespace(parallel_config=types.SimpleNamespace(**parallel),
+                                model_config=types.SimpleNamespace(model_class_overrides=overrides))
+    assert fragment in dsa.gvr_unsupported_config(cfg)
+    cfg.parallel_config.enable_dbo, cfg.parallel_config.ubatch_size = False, 0
+    cfg.model_config.model_class_overrides = {}
+    assert dsa.gvr_unsupported_config(cfg) is None
+
+
+def test_gvr_on_blackwell_needs_the_explicit_opt_in(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (10, 0))
+    why = dsa.gvr_unsupported_reason(2048, torch.device("cuda"))
+    assert why and "VBS_ENABLE_UNVERIFIED_SM100=1" in why
+    monkeypatch.setenv("VBS_ENABLE_UNVERIFIED_SM100", "1")
+    assert dsa.gvr_unsupported_reason(2048, torch.device("cuda")) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.delenv("VBS_ENABLE_UNVERIFIED_SM100")
+    assert dsa.gvr_unsupported_reason(2048, torch.device("cuda")) is None
+
+
+def test_a_second_thread_inside_the_swap_is_refused():
+    import threading
+
+    layer = type("Layer", (), {"decode_topk_replacing": lambda self, op: op})()
+    errors = []
+    inside = threading.Event()
+    release = threading.Event()
+
+    def first():
+        with dsa._decode_topk_replaced_by(layer):
+            inside.set()
+            release.wait(5)
+
+    t = threading.Thread(target=first)
+    t.start()
+    inside.wait(5)
+    try:
+        with dsa._decode_topk_replaced_by(layer):
+            pass
+    except RuntimeError as e:
+        errors.append(str(e))
+    release.set()
+    t.join(5)
+    assert errors and "two threads" in errors[0]
+    with dsa._decode_topk_replaced_by(layer):  # free again once the first left
+        pass

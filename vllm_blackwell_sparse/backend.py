@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from vllm.logger import init_logger
 from vllm.v1.attention.backend import (
     AttentionBackend,
     AttentionCGSupport,
@@ -36,9 +35,10 @@ from vllm.v1.attention.backend import (
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 from vllm_blackwell_sparse.config import ConfigError, load_config, unavailable_feature_reasons
-from vllm_blackwell_sparse.util import warn_once
+from vllm_blackwell_sparse.envs import env_bool
+from vllm_blackwell_sparse.util import get_logger, warn_once
 
-logger = init_logger(__name__)
+logger = get_logger(__name__)
 
 # Head sizes for d == dv, per architecture family (major capability): multiples of 8
 # from 32 (FA4 itself accepts 8 and up; 32 is the smallest the GPU tests run) to 256 on
@@ -150,6 +150,12 @@ class BlackwellSparseBackend(AttentionBackend):
                         f"decode_threshold_scale_factor is set, but the BLASST decode kernel supports head_size "
                         f"{BLASST_DECODE_HEAD_SIZES} and dtype float16/bfloat16, got {head_size} / {dtype}"
                     )
+                if device_capability.major == 10 and not env_bool("VBS_ENABLE_UNVERIFIED_SM100"):
+                    reasons.append(
+                        "decode_threshold_scale_factor is set, but the BLASST decode kernel has never run on sm_100 "
+                        "(Blackwell; compile-checked only): unset the factor for dense FA4, or set "
+                        "VBS_ENABLE_UNVERIFIED_SM100=1 to run it unverified"
+                    )
         except ConfigError as e:
             reasons.append(str(e))
         return "; ".join(reasons) or None
@@ -174,6 +180,12 @@ class BlackwellSparseMetadata:
     # Query tokens of every decode request when they are all equal (the BLASST decode
     # kernel's uniform ``next_n``), else 0.
     decode_query_len: int = 0
+    # Whether the decode rows run the BLASST kernel (else the whole batch is dense).
+    blasst_decode: bool = False
+    # FA3's ahead-of-time schedule for a whole-batch dense call (vLLM's FLASH_ATTN
+    # recipe, see Fa3Schedule), and the split cap it was planned with (0: FA3 decides).
+    scheduler_metadata: torch.Tensor | None = None
+    max_num_splits: int = 0
 
 
 class BlackwellSparseMetadataBuilder(AttentionMetadataBuilder[BlackwellSparseMetadata]):
@@ -188,6 +200,8 @@ class BlackwellSparseMetadataBuilder(AttentionMetadataBuilder[BlackwellSparseMet
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         # Decodes (and spec-decode verification rows) first, then prefills.
         self._init_reorder_batch_threshold(1, supports_spec_as_decode=True)
+        self._blasst_factor_set = load_config(vllm_config).decode_threshold_scale_factor is not None
+        self._fa3_schedule = Fa3Schedule.for_builder(kv_cache_spec, vllm_config, device)
 
     def build(
         self,
@@ -209,6 +223,10 @@ class BlackwellSparseMetadataBuilder(AttentionMetadataBuilder[BlackwellSparseMet
             real = int((lens > 0).sum())
             if real and bool((lens[:real] == lens[0]).all()) and (real == num_decodes or not num_prefills):
                 decode_query_len = int(lens[0])
+        blasst = self._blasst_factor_set and num_decodes > 0 and 0 < decode_query_len <= BLASST_DECODE_MAX_QUERY_LEN
+        scheduler_metadata, max_num_splits = None, 0
+        if self._fa3_schedule is not None and not blasst:
+            scheduler_metadata, max_num_splits = self._fa3_schedule.plan(cm)
         return BlackwellSparseMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             max_query_len=cm.max_query_len,
@@ -222,6 +240,9 @@ class BlackwellSparseMetadataBuilder(AttentionMetadataBuilder[BlackwellSparseMet
             num_prefills=num_prefills,
             num_prefill_tokens=num_prefill_tokens,
             decode_query_len=decode_query_len,
+            blasst_decode=blasst,
+            scheduler_metadata=scheduler_metadata,
+            max_num_splits=max_num_splits,
         )
 
     def update_block_table(self, metadata, blk_table, slot_mapping):
@@ -285,6 +306,16 @@ class BlackwellSparseImpl(AttentionImpl[BlackwellSparseMetadata]):
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+        # Debugging: the kernel inputs' values checked before every eager BLASST launch.
+        self.check_inputs = env_bool("VBS_CHECK_INPUTS")
+        # VBS_BLASST_STATS: this layer's skip counters, allocated now (before vLLM captures
+        # CUDA graphs) so that captured launches add into a fixed address.
+        self.skip_counter = None
+        if cfg.decode_threshold_scale_factor is not None:
+            from vllm_blackwell_sparse import blasst_stats
+
+            if blasst_stats.stats_enabled():
+                self.skip_counter = blasst_stats.new_counter("decode", _max_decode_requests(), torch.cuda.current_device())
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         from vllm._custom_ops import reshape_and_cache_flash
@@ -319,7 +350,7 @@ class BlackwellSparseImpl(AttentionImpl[BlackwellSparseMetadata]):
         key_cache, value_cache = kv_cache.unbind(0)
         if self.config.decode_threshold_scale_factor is not None and m.num_decodes:
             if self._blasst_decode_ok(m, query.dtype, query.shape[0]):
-                return self._forward_blasst_decode(query, key_cache, value_cache, m, output)
+                return self._forward_blasst_decode(layer, query, key_cache, value_cache, m, output)
         dense_paged_attention(
             query[:n],
             key_cache,
@@ -331,6 +362,8 @@ class BlackwellSparseImpl(AttentionImpl[BlackwellSparseMetadata]):
             max_query_len=m.max_query_len,
             max_seq_len=m.max_seq_len,
             softmax_scale=self.scale,
+            scheduler_metadata=m.scheduler_metadata,
+            num_splits=m.max_num_splits,
         )
         return output
 
@@ -346,18 +379,32 @@ class BlackwellSparseImpl(AttentionImpl[BlackwellSparseMetadata]):
             why = f"{m.decode_query_len} query tokens per decode request (at most {BLASST_DECODE_MAX_QUERY_LEN})"
         elif self.head_size not in BLASST_DECODE_HEAD_SIZES or dtype not in BLASST_DECODE_DTYPES:
             why = f"head_size {self.head_size} / dtype {dtype}"
+        elif not m.blasst_decode:
+            why = "the metadata was built without the decode factor"
         if why:
             warn_once(logger, f"BLASST decode falls back to dense attention for some batches: {why}")
             return False
         return True
 
-    def _forward_blasst_decode(self, query, key_cache, value_cache, m: BlackwellSparseMetadata, output):
+    def _forward_blasst_decode(self, layer, query, key_cache, value_cache, m: BlackwellSparseMetadata, output):
         """Decode rows (the batch is reordered decode-first) through the BLASST decode
-        kernel, the prefill rows, if any, through dense attention."""
+        kernel, the prefill rows, if any, through dense attention.
+
+        ``max_seq_len`` only sizes the kernel's grid (under CUDA graphs vLLM captures with
+        max_model_len): the split ranges of a request depend on its own length alone."""
         from vllm_blackwell_sparse.kernels.blasst_decode import blasst_decode
 
         b = m.num_decodes
         nd = b * m.decode_query_len  # padding requests (CUDA graphs) included: they get zeros
+        counts = None
+        if self.skip_counter is not None:
+            if self.skip_counter.layer == "?":
+                self.skip_counter.layer = getattr(layer, "layer_name", "?")
+            if b <= self.skip_counter.device_counts.shape[0]:
+                counts = self.skip_counter.device_counts[:b]
+            else:
+                warn_once(logger, f"BLASST skip counters cover {self.skip_counter.device_counts.shape[0]} requests; "
+                                  f"a batch of {b} decode requests is not counted")
         blasst_decode(
             query[:nd],
             key_cache,
@@ -366,8 +413,11 @@ class BlackwellSparseImpl(AttentionImpl[BlackwellSparseMetadata]):
             m.seq_lens[:b],
             softmax_scale=self.scale,
             threshold_scale_factor=self.config.decode_threshold_scale_factor,
+            next_n=m.decode_query_len,
             max_seq_len=m.max_seq_len,
             out=output[:nd],
+            skip_counts=counts,
+            check_values=self.check_inputs,
         )
         if m.num_prefills:
             n = m.num_actual_tokens
@@ -426,16 +476,20 @@ def dense_paged_attention(
     max_query_len: int,
     max_seq_len: int,
     softmax_scale: float,
+    scheduler_metadata: torch.Tensor | None = None,
+    num_splits: int = 0,
 ) -> torch.Tensor:
     """Causal varlen attention of ``q`` over the paged cache, dense, with FA3 or FA4
     (:func:`dense_fa_version`).
 
     Goes through vLLM's FlashAttention wrapper, the same call FLASH_ATTN makes with
-    ``flash_attn_version`` 3 / 4, so both run identical kernels. ``num_splits=0`` lets
-    the kernel choose split-KV from ``max_seq_len``.
+    ``flash_attn_version`` 3 / 4, so both run identical kernels. ``scheduler_metadata``
+    and ``num_splits`` as :class:`Fa3Schedule` planned them (FA3 only); without them
+    (``num_splits=0``) the kernel chooses split-KV from ``max_seq_len``.
     """
     from vllm.vllm_flash_attn import flash_attn_varlen_func
 
+    extra = {"scheduler_metadata": scheduler_metadata} if scheduler_metadata is not None else {}
     return flash_attn_varlen_func(
         q=q,
         k=key_cache,
@@ -448,6 +502,74 @@ def dense_paged_attention(
         softmax_scale=softmax_scale,
         causal=True,
         block_table=block_table,
-        num_splits=0,
+        num_splits=num_splits,
         fa_version=dense_fa_version(),
+        **extra,
     )
+
+
+def _max_decode_requests() -> int:
+    """The most decode requests one batch can hold: vLLM's max_num_seqs, or a CUDA-graph
+    capture size above it (padded batches)."""
+    from vllm.config import get_current_vllm_config
+
+    cfg = get_current_vllm_config()
+    return max(cfg.scheduler_config.max_num_seqs, cfg.compilation_config.max_cudagraph_capture_size or 0)
+
+
+class Fa3Schedule:
+    """FA3's ahead-of-time schedule, prepared the way vLLM's own FLASH_ATTN builder does
+    (``v1/attention/backends/flash_attn.py``): every step ``get_scheduler_metadata`` plans
+    the batch on the GPU outside any graph, and with full CUDA graphs the plan lands in
+    one preallocated buffer (its tail zeroed) and the split count is capped at
+    ``flash_attn_max_num_splits_for_cuda_graph`` for batches up to the largest capture
+    size, so the graph's intermediate buffers are sized at capture. Without full graphs
+    the plan is a fresh tensor and FA3 picks the split count. Only for whole-batch
+    dense calls (the plan covers every row).
+    """
+
+    def __init__(self, kv_cache_spec, vllm_config, device):
+        from vllm.vllm_flash_attn.flash_attn_interface import get_scheduler_metadata
+
+        self._plan = get_scheduler_metadata
+        model, parallel = vllm_config.model_config, vllm_config.parallel_config
+        compilation = vllm_config.compilation_config
+        self.num_heads_q = model.get_num_attention_heads(parallel)
+        self.num_heads_kv = model.get_num_kv_heads(parallel)
+        self.head_dim = model.get_head_size()
+        self.dtype = kv_cache_spec.dtype
+        self.page_size = kv_cache_spec.block_size
+        self.full_graphs = compilation.cudagraph_mode.has_full_cudagraphs()
+        self.max_graph_tokens = compilation.max_cudagraph_capture_size
+        self.buffer = None
+        self.max_num_splits = 0
+        if self.full_graphs:
+            rows = max(vllm_config.scheduler_config.max_num_seqs, self.max_graph_tokens or 0)
+            self.buffer = torch.zeros(1 + -(-rows // 4) * 4 * 4, dtype=torch.int32, device=device)
+            self.max_num_splits = vllm_config.attention_config.flash_attn_max_num_splits_for_cuda_graph
+
+    @classmethod
+    def for_builder(cls, kv_cache_spec, vllm_config, device) -> "Fa3Schedule | None":
+        """The schedule for a metadata builder, or None where dense attention is not FA3
+        (or the builder is not on a GPU)."""
+        if torch.device(device).type != "cuda" or dense_fa_version() != 3:
+            return None
+        return cls(kv_cache_spec, vllm_config, device)
+
+    def plan(self, cm: CommonAttentionMetadata) -> tuple[torch.Tensor, int]:
+        """``(scheduler_metadata, num_splits)`` for a whole-batch dense call."""
+        num_splits = 0
+        if self.full_graphs and self.max_graph_tokens is not None and cm.num_actual_tokens <= self.max_graph_tokens:
+            num_splits = self.max_num_splits
+        md = self._plan(
+            batch_size=cm.num_reqs, max_seqlen_q=cm.max_query_len, max_seqlen_k=cm.max_seq_len,
+            num_heads_q=self.num_heads_q, num_heads_kv=self.num_heads_kv, headdim=self.head_dim,
+            cache_seqlens=cm.seq_lens, qkv_dtype=self.dtype, cu_seqlens_q=cm.query_start_loc,
+            page_size=self.page_size, causal=True, window_size=(-1, -1), num_splits=num_splits,
+        )
+        if self.buffer is not None:
+            n = md.shape[0]
+            self.buffer[:n] = md
+            self.buffer[n:] = 0  # stale entries past this plan would send CTAs to old work
+            md = self.buffer[:n]
+        return md, num_splits

@@ -20,8 +20,9 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
+from vllm_blackwell_sparse.envs import ENV_PREFIX, ENV_VARS
+
 CONFIG_SECTION = "blackwell_sparse"
-ENV_PREFIX = "VBS_"
 
 _FACTOR_HELP = "a finite number > 0, or null to disable skipping (λ = factor / kv_len)"
 _BOOL_HELP = "true or false"
@@ -94,6 +95,9 @@ CONFIG_KEYS = tuple(_PARSERS)
 def env_var(key: str) -> str:
     """The environment variable that overrides ``key``: ``VBS_<KEY upper-case>``."""
     return ENV_PREFIX + key.upper()
+
+
+assert all(env_var(k) in ENV_VARS for k in CONFIG_KEYS), "every override is registered in envs.ENV_VARS"
 
 
 def parse_config(section: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> BlackwellSparseConfig:

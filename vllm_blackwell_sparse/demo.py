@@ -36,6 +36,8 @@ class GenerationSpec:
     enforce_eager: bool = False
     gpu_memory_utilization: float = 0.3
     max_model_len: int = 4096
+    prompt_lengths: list[int] | None = None  # per-prompt lengths instead of num_prompts x prompt_tokens
+    logprobs: int | None = None  # also return the chosen tokens' logprobs
     extra_llm_kwargs: dict = field(default_factory=dict)
 
 
@@ -72,16 +74,24 @@ def generate_tokens(spec: GenerationSpec) -> dict:
         generation_config="vllm",
         **spec.extra_llm_kwargs,
     )
-    prompts = build_prompts(llm.get_tokenizer(), spec.num_prompts, spec.prompt_tokens)
+    if spec.prompt_lengths:
+        longest = build_prompts(llm.get_tokenizer(), len(spec.prompt_lengths), max(spec.prompt_lengths))
+        prompts = [p[:n] for p, n in zip(longest, spec.prompt_lengths)]
+    else:
+        prompts = build_prompts(llm.get_tokenizer(), spec.num_prompts, spec.prompt_tokens)
     inputs = [{"prompt_token_ids": p} for p in prompts]
-    greedy = SamplingParams(temperature=0.0, max_tokens=spec.max_tokens, ignore_eos=True)
+    greedy = SamplingParams(temperature=0.0, max_tokens=spec.max_tokens, ignore_eos=True, logprobs=spec.logprobs)
     llm.generate(inputs[:2], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     t0 = time.perf_counter()
     outs = llm.generate(inputs, greedy, use_tqdm=False)
     seconds = time.perf_counter() - t0
     tokens = [list(o.outputs[0].token_ids) for o in outs]
+    logprobs = None
+    if spec.logprobs is not None:
+        logprobs = [[step[t].logprob for t, step in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)] for o in outs]
     attn_cls = _attention_backend_class(llm)
     return {
+        "logprobs": logprobs,
         "spec": asdict(spec),
         "seconds": seconds,
         "generated_tokens": sum(map(len, tokens)),

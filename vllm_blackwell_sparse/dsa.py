@@ -41,8 +41,6 @@ kernels (a sort and a top-k per layer): for tests and calibration, not serving.
 from __future__ import annotations
 
 import importlib.abc
-import logging
-import os
 import sys
 import threading
 from collections import OrderedDict
@@ -51,11 +49,12 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from vllm_blackwell_sparse.util import warn_once
+from vllm_blackwell_sparse.envs import env_bool
+from vllm_blackwell_sparse.util import get_logger, warn_once
 
 # A child of vLLM's "vllm" logger: these lines come from vLLM's worker processes, where
 # only that logger has a handler (ours would drop INFO), and read like vLLM's own.
-logger = logging.getLogger("vllm.blackwell_sparse.dsa")
+logger = get_logger(__name__)
 
 INDEXER_MODULE = "vllm.model_executor.layers.sparse_attn_indexer"
 RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"
@@ -259,14 +258,29 @@ def _patch_indexer_module(mod) -> None:
 _keepalive: list = []
 
 
+_swap = {"thread": None}
+
+
 @contextmanager
 def _decode_topk_replaced_by(layer: "GvrLayer"):
     """Inside vLLM's indexer function, its decode top-k ops call ``layer`` instead.
     vLLM looks them up on ``torch.ops._C`` at call time, so swapping the attributes for
-    the duration of the call is enough; they are restored even on error."""
+    the duration of the call is enough; they are restored even on error.
+
+    The swap is process-global, so it is only correct while one thread runs indexer
+    layers. That holds because GVR is switched off where vLLM runs micro-batches in
+    threads (dual-batch overlap, :func:`gvr_unsupported_config`); a second thread
+    entering anyway is refused rather than left to interleave the swaps."""
+    me = threading.get_ident()
+    if _swap["thread"] is not None:
+        raise RuntimeError(
+            "vllm-blackwell-sparse: two threads ran GVR indexer layers at once (micro-batching?); "
+            "run without gvr_topk in this configuration"
+        )
     namespace = torch.ops._C
     originals = {name: getattr(namespace, name, None) for name in VLLM_DECODE_TOPK_OPS}
     originals = {name: op for name, op in originals.items() if op is not None}  # a build without one
+    _swap["thread"] = me
     for name, original in originals.items():
         setattr(namespace, name, layer.decode_topk_replacing(original))
     try:
@@ -274,6 +288,7 @@ def _decode_topk_replaced_by(layer: "GvrLayer"):
     finally:
         for name, original in originals.items():
             setattr(namespace, name, original)
+        _swap["thread"] = None
 
 
 # --------------------------------------------------------------------------------------
@@ -302,6 +317,9 @@ def _patch_runner_module(mod) -> None:
     def _dummy_run(self, *args, **kwargs):
         # Profiling, graph capture and idle data-parallel ranks run the model without
         # _update_states: their rows must neither read nor overwrite real requests' hints.
+        # clear_rows() fills the device buffers on the stream and leaves the pinned
+        # staging buffers alone: this runs outside vLLM's input-prep synchronisation,
+        # where the previous step's copy out of them may still be in flight.
         if _STATE.active:
             _STATE.clear_rows()
         return vllm_dummy_run(self, *args, **kwargs)
@@ -474,7 +492,7 @@ class GvrHintState:
         self.use_hints = True
         self.active = False
         self.runner_hooked = False
-        self.collect_stats = os.environ.get(STATS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+        self.collect_stats = env_bool(STATS_ENV)
         self.num_slots = 0
         self.max_rows = 0
         self.slots: SlotMap | None = None
@@ -496,7 +514,8 @@ class GvrHintState:
             self.reset()  # another model in this process: drop the previous one's state
         if self._owner is None:
             self._owner = vllm_config
-        why = gvr_unsupported_reason(indexer.topk_tokens, indexer.topk_indices_buffer.device)
+        why = gvr_unsupported_config(vllm_config) or gvr_unsupported_reason(
+            indexer.topk_tokens, indexer.topk_indices_buffer.device)
         if why is not None:
             _warn_once(f"gvr_topk is on but vLLM's decode top-k stays: {why}")
             return None
@@ -554,8 +573,11 @@ class GvrHintState:
             raise RuntimeError(f"vllm-blackwell-sparse: no GVR state for indexer layer {name!r}") from None
 
     def clear_rows(self) -> None:
-        """Every row: no hint, writes to the sink (for forwards without a scheduled batch)."""
-        self._copy_rows([], [])
+        """Every row: no hint, writes to the sink (for forwards without a scheduled batch).
+        Device-side fills, ordered after earlier copies on the stream; the pinned staging
+        buffers are not touched (a copy out of them may be pending)."""
+        self.read_slot.fill_(-1)
+        self.write_slot.fill_(self.num_slots)
 
     def on_step(self, req_ids, num_scheduled_tokens, finished) -> None:
         self._copy_rows(*self.slots.step(req_ids, num_scheduled_tokens, finished))
@@ -604,6 +626,24 @@ def gvr_stats(reset: bool = False) -> dict[str, dict[str, float]]:
     return _STATE.stats(reset)
 
 
+NVIDIA_DSV32_MODULE = "vllm.models.deepseek_v32.nvidia"
+
+
+def gvr_unsupported_config(vllm_config) -> str | None:
+    """Why this engine configuration keeps vLLM's top-k although ``gvr_topk`` is on."""
+    parallel = getattr(vllm_config, "parallel_config", None)
+    if parallel is not None and (getattr(parallel, "enable_dbo", False) or getattr(parallel, "ubatch_size", 0) > 1):
+        # Micro-batches run in threads, each with rows from 0 against one row -> slot map,
+        # and the top-k swap is process-global.
+        return "micro-batching (--enable-dbo / ubatch_size) is on"
+    overrides = getattr(getattr(vllm_config, "model_config", None), "model_class_overrides", None) or {}
+    for cls, target in overrides.items():
+        if str(target).startswith(NVIDIA_DSV32_MODULE):
+            # That model calls vLLM's indexer function directly, past our layer's forward.
+            return f"model_class_overrides routes {cls} to {target}, whose attention calls the indexer directly"
+    return None
+
+
 def gvr_unsupported_reason(k: int, device: torch.device) -> str | None:
     from vllm_blackwell_sparse.kernels.gvr_topk import SUPPORTED_K
 
@@ -614,6 +654,9 @@ def gvr_unsupported_reason(k: int, device: torch.device) -> str | None:
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) not in ((9, 0), (10, 0)):
         return f"GPU capability {major}.{minor} (GVR is built for sm_90a and sm_100a)"
+    if major == 10 and not env_bool("VBS_ENABLE_UNVERIFIED_SM100"):
+        return ("sm_100 (Blackwell): GVR is compile-checked only there and has never run; "
+                "set VBS_ENABLE_UNVERIFIED_SM100=1 to run it unverified")
     return None
 
 
@@ -642,7 +685,8 @@ def _compile_for(k: int, logits_width: int) -> None:
                     smem_per_thread=smem_per_thread,
                 )
     if torch.cuda.get_device_capability()[0] == 10:
-        _warn_once("GVR on sm_100 is compile-checked only; it has not been run on Blackwell")
+        _warn_once("GVR on sm_100 runs unverified (VBS_ENABLE_UNVERIFIED_SM100=1): compile-checked only, never run "
+                   "on Blackwell")
 
 
 def _warn_once(message: str) -> None:

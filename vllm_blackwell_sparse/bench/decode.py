@@ -114,7 +114,7 @@ def vllm_fa_decode(w: dict, out: torch.Tensor, version: int, max_seq_len: int):
     )
 
 
-def bench_cell(batch, context, hq, hkv, page, sparsities, iters, warmup) -> dict:
+def bench_cell(batch, context, hq, hkv, page, sparsities, iters, warmup, splits="rule") -> dict:
     from vllm_blackwell_sparse.kernels import blasst_decode as bd
 
     d = HEAD_DIM
@@ -140,15 +140,22 @@ def bench_cell(batch, context, hq, hkv, page, sparsities, iters, warmup) -> dict
     dense_times = [k["us"] for k in cell["kernels"].values() if "us" in k]
     best_dense = min(dense_times) if dense_times else None
 
-    shape = bd.split_shape_heuristic(batch, hkv, hq // hkv, context, q.device)
-    ws = bd.decode_workspace(shape.num_splits, batch, hq, d, q.device)
+    # The backend's path (the request-only DEFAULT_SPLIT_RULE), or the batch-dependent
+    # heuristic it replaced (splits="heuristic").
+    if splits == "heuristic":
+        shape = bd.split_shape_heuristic(batch, hkv, hq // hkv, context, q.device)._asdict()
+        grid = shape["num_splits"]
+    else:
+        shape = {"split_rule": bd.DEFAULT_SPLIT_RULE, "max_seq_len": context}
+        grid = bd.DEFAULT_SPLIT_RULE.max_split_count(-(-context // bd.KV_TILE))
+    ws = bd.decode_workspace(grid, batch, hq, d, q.device)
     counts = torch.zeros(batch, 2, dtype=torch.int32, device=q.device)
 
     def ours(factor, count=False):
         if count:
             counts.zero_()
         return bd.blasst_decode(q, kc, vc, table, lens, softmax_scale=scale, threshold_scale_factor=factor,
-                                out=out, workspace=ws, skip_counts=counts if count else None, **shape._asdict())
+                                out=out, workspace=ws, skip_counts=counts if count else None, **shape)
 
     def record(name, factor, extra):
         t = time_us(lambda: ours(factor), iters, warmup)
@@ -161,7 +168,7 @@ def bench_cell(batch, context, hq, hkv, page, sparsities, iters, warmup) -> dict
         cell["kernels"][name] = {
             "us": t, "tb_s": read / t / 1e6, "factor": factor, "skipped_tiles": skipped, "eligible_tiles": eligible,
             "sparsity": sparsity, "max_abs_err": err.max().item(), "mean_abs_err": err.mean().item(),
-            "speedup_vs_best_dense": best_dense / t if best_dense else None, **shape._asdict(),
+            "speedup_vs_best_dense": best_dense / t if best_dense else None, "splits": splits, "grid_splits": grid,
             "us_with_launch": t_launch, **extra,
         }
 
@@ -176,7 +183,8 @@ def bench_cell(batch, context, hq, hkv, page, sparsities, iters, warmup) -> dict
     return cell
 
 
-def run_decode_bench(batches, contexts, gqa, pages, sparsities, iters, warmup, log=print, on_cell=None) -> dict:
+def run_decode_bench(batches, contexts, gqa, pages, sparsities, iters, warmup, log=print, on_cell=None,
+                     splits="rule") -> dict:
     result = {"environment": environment(), "head_dim": HEAD_DIM, "iters": iters, "warmup": warmup,
               "timing": "us: GPU time, host launch hidden behind a spin kernel (bench.timing.gpu_us); "
                         "us_with_launch: CUDA events around the call on an idle GPU", "cells": []}
@@ -184,7 +192,7 @@ def run_decode_bench(batches, contexts, gqa, pages, sparsities, iters, warmup, l
         for page in pages:
             for batch in batches:
                 for context in contexts:
-                    cell = bench_cell(batch, context, hq, hkv, page, sparsities, iters, warmup)
+                    cell = bench_cell(batch, context, hq, hkv, page, sparsities, iters, warmup, splits)
                     torch.cuda.empty_cache()  # the cell's cache (up to tens of GB) is gone
                     result["cells"].append(cell)
                     log(row_text(cell))
@@ -240,7 +248,7 @@ def main(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     result = run_decode_bench(
         args.batches, args.contexts, args.gqa, args.pages, args.sparsities, args.iters, args.warmup,
-        on_cell=lambda r: out.write_text(json.dumps(r, indent=1)),
+        on_cell=lambda r: out.write_text(json.dumps(r, indent=1)), splits=args.splits,
     )
     out.write_text(json.dumps(result, indent=1))
     md = markdown_table(result)

@@ -1,12 +1,14 @@
 """BLASST paged split-KV decode attention, in CuTe DSL.
 
 Semantics are those of ``reference/blasst.py`` with ``kv_tile_size=KV_TILE``,
-``q_tile_rows=Q_TILE_ROWS``, ``visit_order="ascending"`` and the same ``num_splits``,
-``long_splits`` and ``long_split_ratio``: queries of ``next_n`` tokens per request (causal
-among them), GQA-packed rows ``r = t * G + g`` for one KV head, the request's tiles cut
-into ``num_splits`` contiguous ranges (the first ``long_splits`` of them
-``long_split_ratio`` times as long as the others), each with its own online softmax,
-merged by log-sum-exp.
+``q_tile_rows=Q_TILE_ROWS``, ``visit_order="ascending"`` and the same split ranges:
+queries of ``next_n`` tokens per request (causal among them), GQA-packed rows
+``r = t * G + g`` for one KV head, the request's tiles cut into contiguous ranges, each
+with its own online softmax, merged by log-sum-exp. By default the ranges follow a
+:class:`SplitRule`, which looks at the request's own length only, so a request's
+decisions and output do not depend on the rest of the batch or on CUDA-graph capture
+(the oracle's ``split_rule``); an explicit ``num_splits`` / ``long_splits`` /
+``long_split_ratio`` shape is also accepted (the oracle's arguments of the same names).
 
 Design (one warp per CTA, one CTA per (KV head x row tile, request, split))
 ---------------------------------------------------------------------------
@@ -51,7 +53,6 @@ from typing import NamedTuple
 import torch
 
 from vllm_blackwell_sparse.kernels import target_arch
-from vllm_blackwell_sparse.reference.blasst import split_unit  # the split rule's unit, shared with the oracle
 
 KV_TILE = 16  # keys per tile: the unit of the skip decision
 Q_TILE_ROWS = 8  # packed query rows per warp (MMA rows 0-7; rows 8-15 are padding)
@@ -91,6 +92,16 @@ def _kernel_module():
     def quad_sum(x):
         x = x + cute.arch.shuffle_sync_bfly(x, offset=1)
         return x + cute.arch.shuffle_sync_bfly(x, offset=2)
+
+    # SplitRule on the device: the same integer arithmetic as SplitRule.tiles_per_split /
+    # SplitRule.split_count, from the request's key count alone.
+    def rule_split_tiles(kv_len, min_tiles, target_splits):
+        tiles = (cutlass.max(kv_len, 0) + KV_TILE - 1) // KV_TILE
+        return cutlass.max(min_tiles, (tiles + target_splits - 1) // target_splits)
+
+    def rule_split_count(kv_len, tiles_per_split):
+        tiles = (cutlass.max(kv_len, 0) + KV_TILE - 1) // KV_TILE
+        return cutlass.max((tiles + tiles_per_split - 1) // tiles_per_split, 1)
 
     class BlasstDecodeSm90:
         """One warp per (KV head x 8-row tile, request, split); see the module docstring.
@@ -133,12 +144,12 @@ def _kernel_module():
         @cute.jit
         def __call__(self, mQ, mK, mV, mBlockTable, mSeqLens, mOut, mOPart, mLsePart, mCounts, mDecisions,
                      scale_log2: Float32, log2_factor: Float32, num_splits: Int32, long_splits: Int32,
-                     long_split_ratio: Int32, stream):
+                     long_split_ratio: Int32, rule_min_tiles: Int32, rule_target_splits: Int32, stream):
             # Split index slowest: CTAs are dispatched in launch order, so every request's
-            # first splits run first and the last wave is made of the last (with long
-            # splits: the short) splits.
+            # first splits run first and the last wave is made of the last splits.
             self.kernel(mQ, mK, mV, mBlockTable, mSeqLens, mOut, mOPart, mLsePart, mCounts, mDecisions,
-                        scale_log2, log2_factor, num_splits, long_splits, long_split_ratio).launch(
+                        scale_log2, log2_factor, num_splits, long_splits, long_split_ratio, rule_min_tiles,
+                        rule_target_splits).launch(
                 grid=[mK.shape[2] * self.q_tiles, mSeqLens.shape[0], num_splits], block=[32, 1, 1], stream=stream,
                 min_blocks_per_mp=self.min_warps_per_sm, preferred_smem_carveout=self.smem_carveout_percent(),
             )
@@ -146,7 +157,7 @@ def _kernel_module():
         @cute.kernel
         def kernel(self, mQ, mK, mV, mBlockTable, mSeqLens, mOut, mOPart, mLsePart, mCounts, mDecisions,
                    scale_log2: Float32, log2_factor: Float32, num_splits: Int32, long_splits: Int32,
-                   long_split_ratio: Int32):
+                   long_split_ratio: Int32, rule_min_tiles: Int32, rule_target_splits: Int32):
             lane, _, _ = cute.arch.thread_idx()
             head_tile, req, split = cute.arch.block_idx()
             kv_head = head_tile // self.q_tiles
@@ -166,18 +177,43 @@ def _kernel_module():
             last_tok = cutlass.min(q_tile * Q_TILE_ROWS + Q_TILE_ROWS - 1, self.rows - 1) // self.group
             kv_end = kv_len - self.next_n + last_tok + 1
             n_tiles = cutlass.max(kv_end + KV_TILE - 1, 0) // KV_TILE
-            # This split's tiles (reference.split_tile_ranges): the first long_splits
-            # ranges are long_split_ratio units long, the rest one unit.
-            units = long_split_ratio * long_splits + num_splits - long_splits
-            unit = (n_tiles + units - 1) // units
-            t_begin = long_splits * long_split_ratio * unit + (split - long_splits) * unit
-            size = unit
-            if split < long_splits:
-                t_begin = split * long_split_ratio * unit
-                size = long_split_ratio * unit
-            t_begin = cutlass.min(t_begin, n_tiles)
-            t_end = cutlass.min(t_begin + size, n_tiles)
+            t_begin = Int32(0)
+            t_end = Int32(0)
+            active = Boolean(True)
+            if rule_min_tiles > 0:
+                # The request-only rule (SplitRule): ranges of a length fixed by the
+                # request's own key count; the grid covers the longest possible request
+                # and the CTAs past this request's split count leave at once.
+                tiles_per_split = rule_split_tiles(kv_len, rule_min_tiles, rule_target_splits)
+                active = split < rule_split_count(kv_len, tiles_per_split)
+                t_begin = cutlass.min(split * tiles_per_split, n_tiles)
+                t_end = cutlass.min(t_begin + tiles_per_split, n_tiles)
+            else:
+                # An explicit shape (reference.split_tile_ranges): the first long_splits
+                # ranges are long_split_ratio units long, the rest one unit.
+                units = long_split_ratio * long_splits + num_splits - long_splits
+                unit = (n_tiles + units - 1) // units
+                t_begin = long_splits * long_split_ratio * unit + (split - long_splits) * unit
+                size = unit
+                if split < long_splits:
+                    t_begin = split * long_split_ratio * unit
+                    size = long_split_ratio * unit
+                t_begin = cutlass.min(t_begin, n_tiles)
+                t_end = cutlass.min(t_begin + size, n_tiles)
 
+            smem = cutlass.utils.SmemAllocator()
+            ring = smem.allocate_tensor(self.dtype, cute.make_layout(self.ring_shape), byte_alignment=16)
+            if active:
+                self.run_split(mQ, mK, mV, mBlockTable, mOut, mOPart, mLsePart, mCounts, mDecisions, ring,
+                               scale_log2, log2_factor, t_begin, t_end, kv_len, req, split, head_tile, kv_head,
+                               lane, lrow, quad, live, token, head, limit)
+
+        @cute.jit
+        def run_split(self, mQ, mK, mV, mBlockTable, mOut, mOPart, mLsePart, mCounts, mDecisions, ring,
+                      scale_log2, log2_factor, t_begin, t_end, kv_len, req, split, head_tile, kv_head,
+                      lane, lrow, quad, live, token, head, limit):
+            """Tiles ``[t_begin, t_end)`` of one (request, KV head x row tile): online softmax
+            with the skip rule, then the split's output (final or partial)."""
             # Q fragments (A operand), head dim permuted as described above.
             qv = cute.make_rmem_tensor((8, self.k_loads), self.dtype)
             qv.fill(0.0)
@@ -209,8 +245,7 @@ def _kernel_module():
             # K ring: lane-private, so lane l writes (cp.async) and later reads only its own
             # 16-byte pieces, and completing its own cp.async groups is all the sync needed.
             # One group per tile, empty past the split's end, so the group count stays uniform.
-            smem = cutlass.utils.SmemAllocator()
-            state.sK = smem.allocate_tensor(self.dtype, cute.make_layout(self.ring_shape), byte_alignment=16)
+            state.sK = ring
             state.g2s = cute.make_copy_atom(
                 cute.nvgpu.cpasync.CopyG2SOp(cache_mode=cute.nvgpu.cpasync.LoadCacheMode.GLOBAL), self.dtype,
                 num_bits_per_copy=128,
@@ -240,14 +275,14 @@ def _kernel_module():
             for t in cutlass.range(t_begin, t_end, 2, unroll=1):
                 (page_ahead, m_run, l_run, n_skipped, n_eligible, pending_a, alpha_a, pending_b) = self.tile_step(
                     mK, mV, mBlockTable, mDecisions, state, qa, state.v_a, state.p_a, state.v_b, state.p_b,
-                    t, t_begin, t_end, req, head_tile, kv_head, lane, lrow, quad, live, limit, last_block,
+                    t, t_begin, t_end, req, head_tile, kv_head, lane, lrow, quad, live, limit, kv_len, last_block,
                     page_ahead, m_run, l_run, n_skipped, n_eligible, pending_b, alpha_b,
                     scale_log2, thr, skipping,
                 )
                 if t + 1 < t_end:
                     (page_ahead, m_run, l_run, n_skipped, n_eligible, pending_b, alpha_b, pending_a) = self.tile_step(
                         mK, mV, mBlockTable, mDecisions, state, qa, state.v_b, state.p_b, state.v_a, state.p_a,
-                        t + 1, t_begin, t_end, req, head_tile, kv_head, lane, lrow, quad, live, limit, last_block,
+                        t + 1, t_begin, t_end, req, head_tile, kv_head, lane, lrow, quad, live, limit, kv_len, last_block,
                         page_ahead, m_run, l_run, n_skipped, n_eligible, pending_a, alpha_a,
                         scale_log2, thr, skipping,
                     )
@@ -286,7 +321,7 @@ def _kernel_module():
 
         @cute.jit
         def tile_step(self, mK, mV, mBlockTable, mDecisions, state, qa, v_this, p_this, v_prev, p_prev,
-                      t, t_begin, t_end, req, head_tile, kv_head, lane, lrow, quad, live, limit, last_block,
+                      t, t_begin, t_end, req, head_tile, kv_head, lane, lrow, quad, live, limit, kv_len, last_block,
                       page_ahead, m_run, l_run, n_skipped, n_eligible, pending_prev, alpha_prev,
                       scale_log2, thr, skipping):
             """Tile ``t``: scores from its ring slot, the slot's refill, the skip decision,
@@ -354,7 +389,7 @@ def _kernel_module():
 
             alpha = Float32(1.0)
             if keep:
-                self.load_v(mV, v_this, page, (t * KV_TILE) % bs, kv_head, lrow, quad)
+                self.load_v(mV, v_this, page, (t * KV_TILE) % bs, kv_head, lrow, quad, t * KV_TILE, kv_len)
                 m_new = cute.arch.fmax(m_run, m_loc)
                 base = Float32(cutlass.select_(m_new == Float32(NEG_INF), Float32(0.0), m_new))
                 alpha = cute.math.exp2(m_run - base, fastmath=True)
@@ -397,13 +432,22 @@ def _kernel_module():
                     cute.copy(state.g2s, krow[None, 4 * i + quad], state.sK[None, lane, h * self.k_loads + i, slot])
 
         @cute.jit
-        def load_v(self, mV, vfrag, page, in_page, kv_head, lrow, quad):
+        def load_v(self, mV, vfrag, page, in_page, kv_head, lrow, quad, tile_key0, kv_len):
             # Lane: keys {2 quad, 2 quad + 1, 2 quad + 8, 2 quad + 9}, dims {64 i + 8 lrow + e}.
             for j in cutlass.range_constexpr(4):
                 key = 2 * quad + (j % 2) + 8 * (j // 2)
                 vrow = cute.zipped_divide(mV[page, in_page + key, kv_head, None], (8,))
                 for i in cutlass.range_constexpr(self.v_loads):
                     cute.autovec_copy(vrow[None, 8 * i + lrow], vfrag[None, i, j])
+            # Keys past the request's length hold whatever the page held before (vLLM reuses
+            # freed blocks as they are): their P is 0, but 0 * Inf or 0 * NaN in the MMA is
+            # NaN, so their V is zeroed. Only the request's last tile has such keys.
+            if tile_key0 + KV_TILE > kv_len:
+                for j in cutlass.range_constexpr(4):
+                    if tile_key0 + 2 * quad + (j % 2) + 8 * (j // 2) >= kv_len:
+                        for i in cutlass.range_constexpr(self.v_loads):
+                            for e in cutlass.range_constexpr(8):
+                                vfrag[e, i, j] = Float32(0.0).to(self.dtype)
 
         @cute.jit
         def store_row(self, mOut, mOPart, mLsePart, o, l_sum, m_run, split, token, head, quad):
@@ -455,18 +499,25 @@ def _kernel_module():
             self.warps = COMBINE_THREADS // 32
 
         @cute.jit
-        def __call__(self, mOPart, mLsePart, mOut, stream):
-            self.kernel(mOPart, mLsePart, mOut).launch(
+        def __call__(self, mOPart, mLsePart, mOut, mSeqLens, next_n: Int32, rule_min_tiles: Int32,
+                     rule_target_splits: Int32, stream):
+            self.kernel(mOPart, mLsePart, mOut, mSeqLens, next_n, rule_min_tiles, rule_target_splits).launch(
                 grid=[mOut.shape[0], mOut.shape[1], 1], block=[COMBINE_THREADS, 1, 1], stream=stream,
                 use_pdl=self.use_pdl,
             )
 
         @cute.kernel
-        def kernel(self, mOPart, mLsePart, mOut):
+        def kernel(self, mOPart, mLsePart, mOut, mSeqLens, next_n: Int32, rule_min_tiles: Int32,
+                   rule_target_splits: Int32):
             tid, _, _ = cute.arch.thread_idx()
             token, head, _ = cute.arch.block_idx()
             warp, lane = tid // 32, tid % 32
-            num_splits = mOPart.shape[0]
+            num_splits = Int32(mOPart.shape[0])
+            if rule_min_tiles > 0:
+                # Only the request's own splits were written (the decode kernel's rule).
+                kv_len = mSeqLens[token // next_n]
+                num_splits = cutlass.min(
+                    num_splits, rule_split_count(kv_len, rule_split_tiles(kv_len, rule_min_tiles, rule_target_splits)))
             smem = cutlass.utils.SmemAllocator()
             sWeight = smem.allocate_tensor(Float32, cute.make_layout(MAX_SPLITS), byte_alignment=16)
             sMax = smem.allocate_tensor(Float32, cute.make_layout(self.warps), byte_alignment=16)
@@ -591,7 +642,7 @@ def compile_blasst_decode(
     stream = make_fake_stream(use_tvm_ffi_env_stream=True)
     compiled = cute.compile(
         op, q, kc, vc, bt, lens, out, o_part, lse_part, counts, decisions, cutlass.Float32(1.0), cutlass.Float32(0.0),
-        cutlass.Int32(1), cutlass.Int32(0), cutlass.Int32(1), stream,
+        cutlass.Int32(1), cutlass.Int32(0), cutlass.Int32(1), cutlass.Int32(0), cutlass.Int32(1), stream,
         options="--enable-tvm-ffi",
     )
     _COMPILED[key] = compiled
@@ -602,7 +653,12 @@ def compile_blasst_combine(*, head_dim: int, dtype: torch.dtype, use_pdl: bool =
     """Compile (once per variant and target arch) the split merge; ``use_pdl``: launched
     as a programmatic dependent of the decode kernel (see ``BlasstCombine``). The kernel
     takes at most ``MAX_SPLITS`` splits (one LSE per thread); :func:`blasst_decode` checks
-    that, a direct caller must."""
+    that, a direct caller must.
+
+    Arguments of the compiled function: ``o_part, lse_part, out, seq_lens, next_n,
+    rule_min_tiles, rule_target_splits``; with ``rule_min_tiles > 0`` the row of token
+    ``t`` merges only the splits of request ``t // next_n`` under that :class:`SplitRule`,
+    with 0 every split of ``o_part``."""
     import cutlass
     import cutlass.cute as cute
     from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream, make_fake_tensor
@@ -617,8 +673,10 @@ def compile_blasst_combine(*, head_dim: int, dtype: torch.dtype, use_pdl: bool =
                                       assumed_align=16)
     lse_part = make_fake_compact_tensor(cutlass.Float32, (splits, tokens, hq), stride_order=(2, 1, 0))
     out = make_fake_tensor(_cute_dtype(dtype), (tokens, hq, head_dim), stride=(cute.sym_int(), cute.sym_int(), 1))
+    lens = make_fake_compact_tensor(cutlass.Int32, (cute.sym_int(),))
     stream = make_fake_stream(use_tvm_ffi_env_stream=True)
-    compiled = cute.compile(op, o_part, lse_part, out, stream, options="--enable-tvm-ffi")
+    compiled = cute.compile(op, o_part, lse_part, out, lens, cutlass.Int32(1), cutlass.Int32(0), cutlass.Int32(1), stream,
+                            options="--enable-tvm-ffi")
     _COMPILED[key] = compiled
     return compiled
 
@@ -636,24 +694,57 @@ def _check_static(head_dim, group, next_n, block_size, dtype):
         raise ValueError(f"block_size must be a multiple of {KV_TILE}, got {block_size}")
 
 
-# Split heuristic, measured on the H200 (benchmarks/decode_tuning.py, decode_split_shapes.py;
-# 8 one-warp CTAs of this kernel are resident per SM):
+class SplitRule(NamedTuple):
+    """How a request's tiles are cut into splits, from the request's own length alone.
+
+    A request of ``n`` tiles (``ceil(seq_len / KV_TILE)``) is cut, from tile 0, into ranges
+    of ``max(min_tiles, ceil(n / target_splits))`` tiles; the last may be shorter, and a
+    row tile whose causal range ends earlier (``next_n > 1``) has empty ranges at its end.
+    Because nothing else enters, a request gets the same ranges, hence the same skip
+    decisions and the same output bits, whatever else is in the batch and whether the
+    call was captured in a CUDA graph for longer requests or run eagerly.
+    """
+
+    min_tiles: int
+    target_splits: int
+
+    def tiles_per_split(self, request_tiles: int) -> int:
+        return max(self.min_tiles, -(-request_tiles // self.target_splits))
+
+    def split_count(self, request_tiles: int) -> int:
+        """Splits of a request of ``request_tiles`` tiles (at least one)."""
+        return max(1, -(-request_tiles // self.tiles_per_split(request_tiles)))
+
+    def max_split_count(self, longest_tiles: int) -> int:
+        """The most splits of any request of at most ``longest_tiles`` tiles: the grid's
+        split count. Not ``split_count(longest_tiles)``, which is not monotonic (1024
+        tiles under (16, 64): 64 splits of 16; 1025: 61 of 17)."""
+        return max(1, min(self.target_splits, -(-longest_tiles // self.min_tiles)))
+
+    def check(self) -> "SplitRule":
+        if not (isinstance(self.min_tiles, int) and 1 <= self.min_tiles <= 1 << 20):
+            raise ValueError(f"SplitRule.min_tiles must be an integer in [1, 2^20], got {self.min_tiles!r}")
+        if not (isinstance(self.target_splits, int) and 1 <= self.target_splits <= MAX_SPLITS):
+            raise ValueError(f"SplitRule.target_splits must be an integer in [1, {MAX_SPLITS}], got {self.target_splits!r}")
+        return self
+
+
+# The default rule, measured on the H200 against the batch-dependent heuristic below
+# (docs/BENCHMARKS.md, "batch-invariant splits").
+DEFAULT_SPLIT_RULE = SplitRule(min_tiles=32, target_splits=64)
+
+
+# A batch-dependent split heuristic, measured on the H200 (benchmarks/decode_tuning.py,
+# decode_split_shapes.py). Not used by default any more: its shape depends on the batch
+# (and under CUDA graphs on the capture's max_seq_len), so a request's skip decisions
+# depended on its neighbours; it stays as the speed baseline of SplitRule.
 # - when even 16-tile splits give fewer warps than one wave holds (small batches), use
-#   them all, equal: the GPU is latency-bound there and every extra warp helps;
-# - otherwise long-then-short splits (``reference.split_tile_ranges``): long splits that
-#   fill whole waves of resident warps (rounded down; 4 waves when the batch has at least
-#   one (request, KV head, row tile) per SM, else 2), then half as many splits a quarter
-#   as long. CTAs are dispatched split-major, so the short splits make up the last wave:
-#   the slots that finish early take short work instead of idling while the slowest long
-#   splits end (with equal splits ~13% of the warp slots idled at B = 8 x 32K, s 0.7;
-#   benchmarks/decode_timeline.py). Measured 2026-12-01 at s 0.7, each shape at its own
-#   calibrated factor: 1.9-2.7% faster than the previous equal splits (3 waves at B = 8,
-#   5 at B >= 32) at B = 8 x 32K / 64K, 2.5-2.6% at B = 32, 3.5-4% at B = 64; dense unchanged
-#   within 0.6%. No long split of the longest request is shorter than 32 tiles (512 keys).
+#   them all, equal;
+# - otherwise long-then-short splits: long splits that fill whole waves of resident
+#   warps (4 waves when the batch has at least one (request, KV head, row tile) per SM,
+#   else 2), then half as many splits a quarter as long, dispatched last;
 # - equal splits, 5 waves' worth (none shorter than 32 tiles), instead when that would
-#   give fewer than 2 long splits (very large batches) or short splits of fewer than 12
-#   tiles: at 8K keys, B = 8 and 32 got 8-tile short splits and were 1-2% slower than with
-#   equal 32-tile splits, while B = 64's 15-tile ones were 1-3% faster (same grid).
+#   give fewer than 2 long splits or short splits of fewer than 12 tiles.
 LONG_SPLIT_WAVES_LARGE_BATCH = 4
 LONG_SPLIT_WAVES_SMALL_BATCH = 2
 LONG_SPLIT_RATIO = 4
@@ -666,7 +757,8 @@ _SM_COUNT: dict[int, int] = {}
 
 
 class SplitShape(NamedTuple):
-    """How a request's tiles are cut into splits (``reference.split_tile_ranges``)."""
+    """An explicit split shape (``reference.split_tile_ranges``): every request's tiles cut
+    into ``num_splits`` ranges, the first ``long_splits`` ``long_split_ratio`` times as long."""
 
     num_splits: int
     long_splits: int = 0
@@ -674,8 +766,8 @@ class SplitShape(NamedTuple):
 
 
 def split_shape_heuristic(batch: int, num_kv_heads: int, rows_per_kv_head: int, max_seq_len: int, device) -> SplitShape:
-    """The split shape for a batch whose longest request has ``max_seq_len`` keys (see the
-    rules above)."""
+    """The batch-dependent shape for a batch whose longest request has ``max_seq_len`` keys
+    (see the rules above; a benchmark baseline, not batch-invariant)."""
     idx = torch.device(device).index or 0
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
@@ -687,7 +779,7 @@ def split_shape_heuristic(batch: int, num_kv_heads: int, rows_per_kv_head: int, 
     waves = LONG_SPLIT_WAVES_LARGE_BATCH if warps >= sms else LONG_SPLIT_WAVES_SMALL_BATCH
     long = splits_filling_waves(waves, warps, max_seq_len, sms, MIN_TILES_PER_SPLIT)
     short = int(SHORT_SPLITS_PER_LONG * long)
-    short_tiles = split_unit(_tiles(max_seq_len), long + short, long, LONG_SPLIT_RATIO)
+    short_tiles = -(-_tiles(max_seq_len) // (LONG_SPLIT_RATIO * long + short))
     if long < 2 or long + short > MAX_SPLITS or short_tiles < MIN_TILES_PER_SHORT_SPLIT:
         return SplitShape(splits_filling_waves(WAVES_LARGE_BATCH, warps, max_seq_len, sms, MIN_TILES_PER_SPLIT))
     return SplitShape(long + short, long, LONG_SPLIT_RATIO)
@@ -704,17 +796,40 @@ def splits_filling_waves(waves: int | None, warps_per_split: int, max_seq_len: i
     return int(max(1, min(sm_count * RESIDENT_WARPS_PER_SM * waves // max(warps_per_split, 1), cap)))
 
 
-def _tiles(max_seq_len: int) -> int:
-    """KV tiles of the longest request (at least one)."""
-    return -(-max(max_seq_len, 1) // KV_TILE)
+def _tiles(seq_len: int) -> int:
+    """KV tiles of a request of ``seq_len`` keys (at least one)."""
+    return -(-max(seq_len, 1) // KV_TILE)
 
 
 def decode_workspace(num_splits: int, num_tokens: int, num_q_heads: int, head_dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split partials: fp32 outputs ``[splits, tokens, Hq, D]`` and log2 LSEs ``[splits, tokens, Hq]``."""
-    return (
-        torch.empty(num_splits, num_tokens, num_q_heads, head_dim, dtype=torch.float32, device=device),
-        torch.empty(num_splits, num_tokens, num_q_heads, dtype=torch.float32, device=device),
-    )
+    """Split partials: fp32 outputs ``[splits, tokens, Hq, D]`` and log2 LSEs ``[splits, tokens, Hq]``
+    (two views of one allocation)."""
+    rows = num_splits * num_tokens * num_q_heads
+    buf = torch.empty(rows * (head_dim + 1), dtype=torch.float32, device=device)
+    return (buf[:rows * head_dim].view(num_splits, num_tokens, num_q_heads, head_dim),
+            buf[rows * head_dim:].view(num_splits, num_tokens, num_q_heads))
+
+
+class _Launch(NamedTuple):
+    """What one validated call signature launches (see ``_LAUNCHES``)."""
+
+    decode: object
+    combine: object | None  # None with one split: the decode kernel writes the output
+    next_n: int
+    grid_splits: int
+    long_splits: int
+    long_split_ratio: int
+    rule_min_tiles: int  # 0: explicit shape
+    rule_target_splits: int
+    workspace_shape: tuple[int, int, int, int]
+    count: bool
+    record: bool
+
+
+# Validated call signatures -> launch: the host-side checks of a signature run once, so
+# the decode hot path (one call per layer and step) pays only a dictionary lookup and the
+# per-call pointer checks before the two launches.
+_LAUNCHES: dict[tuple, _Launch] = {}
 
 
 def blasst_decode(
@@ -726,6 +841,8 @@ def blasst_decode(
     *,
     softmax_scale: float,
     threshold_scale_factor: float | None = None,
+    next_n: int | None = None,
+    split_rule: SplitRule | None = None,
     num_splits: int | None = None,
     long_splits: int = 0,
     long_split_ratio: int = 1,
@@ -734,6 +851,7 @@ def blasst_decode(
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
     skip_counts: torch.Tensor | None = None,
     decisions: torch.Tensor | None = None,
+    check_values: bool = False,
     min_warps_per_sm: int = DEFAULT_MIN_WARPS_PER_SM,
     k_stages: int = DEFAULT_K_STAGES,
 ) -> torch.Tensor:
@@ -745,23 +863,113 @@ def blasst_decode(
         k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]`` (separate planes; strides
             may be arbitrary multiples of 8 elements, head dim contiguous).
         block_table: int32 ``[B, max_blocks]``. seq_lens: int32 ``[B]``, the new tokens
-            included; a request of length 0 yields zeros.
+            included; a request of length 0 yields zeros. Both on q's device.
         threshold_scale_factor: λ = factor / seq_len per request; None = dense decode.
-        num_splits: split-KV ranges per (request, KV head). long_splits,
-            long_split_ratio: the first ``long_splits`` splits are ``long_split_ratio``
-            times as long as the rest (``reference.split_tile_ranges``); 0 / 1: equal
-            splits. Without ``num_splits`` all three come from
-            :func:`split_shape_heuristic` (the GPU size, the batch and ``max_seq_len``:
-            give it, without it the heuristic assumes long sequences).
-        out: ``[B * next_n, Hq, D]`` output in q's dtype. workspace: from
-            :func:`decode_workspace` for ``num_splits > 1``. With both given the call
-            allocates nothing (CUDA-graph capturable).
+        next_n: query tokens per request; every request has the same number. Without it,
+            ``q.shape[0] // B`` (the caller vouches for uniform query lengths).
+        split_rule: the request-only split rule (:class:`SplitRule`, default
+            ``DEFAULT_SPLIT_RULE``); the grid covers requests up to ``max_seq_len`` keys
+            (default and at most ``max_blocks * block_size``, the longest the block table
+            can address), so under CUDA graphs pass the longest length the graph may see.
+        num_splits, long_splits, long_split_ratio: an explicit shape instead of the rule
+            (``reference.split_tile_ranges``; benchmarks and tests): every request cut
+            into ``num_splits`` ranges, the first ``long_splits`` of them
+            ``long_split_ratio`` times as long as the rest.
+        out: ``[B * next_n, Hq, D]`` output in q's dtype, 16-byte aligned. workspace: from
+            :func:`decode_workspace` when more than one split. With both given the call
+            allocates nothing (CUDA-graph capturable; without them it allocates from
+            torch's caching allocator, which a capture also allows).
         skip_counts: int32 ``[B, 2]``; the kernel *adds* each request's (skipped,
             eligible) tile counts to it (zero it first).
         decisions: int32 ``[B, Hkv * row_tiles, max_tiles]`` (tests): for every eligible
             tile the kernel writes 1 (kept) or 2 (skipped) at its tile index; other
             entries are left as they are. ``row_tiles = ceil(next_n * Hq / Hkv / 8)``.
+        check_values: also check what only the tensors' values show (lengths against the
+            block table and ``max_seq_len``, block ids in range): a device sync, for
+            debugging; skipped while a CUDA graph is being captured.
     """
+    if threshold_scale_factor is not None and not (threshold_scale_factor > 0 and math.isfinite(threshold_scale_factor)):
+        raise ValueError(f"threshold_scale_factor must be a finite number > 0 or None, got {threshold_scale_factor!r}")
+    if k_cache.dim() != 4:
+        raise ValueError(f"k_cache must be [num_blocks, block_size, Hkv, D], got shape {tuple(k_cache.shape)}")
+    # The grid's split count, from the longest request the call may see: the block table
+    # cannot address more than max_blocks * block_size keys.
+    longest = block_table.shape[-1] * k_cache.shape[1]
+    if max_seq_len is not None:
+        if not 0 <= max_seq_len == int(max_seq_len):
+            raise ValueError(f"max_seq_len must be an integer >= 0, got {max_seq_len!r}")
+        longest = min(longest, int(max_seq_len))
+    rule = None
+    if num_splits is None:
+        rule = (split_rule or DEFAULT_SPLIT_RULE).check()
+        grid_splits = rule.max_split_count(_tiles(longest))
+    elif split_rule is not None:
+        raise ValueError("give either split_rule or an explicit num_splits, not both")
+    else:
+        grid_splits = num_splits
+    key = (
+        q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(), v_cache.shape, v_cache.stride(),
+        v_cache.dtype, v_cache.device, block_table.shape, block_table.stride(), block_table.dtype, block_table.device,
+        seq_lens.shape, seq_lens.dtype, seq_lens.device,
+        None if out is None else (out.shape, out.stride(), out.dtype, out.device),
+        None if workspace is None else tuple((w.shape, w.stride(), w.dtype, w.device) for w in workspace),
+        None if skip_counts is None else (skip_counts.shape, skip_counts.stride(), skip_counts.dtype, skip_counts.device),
+        None if decisions is None else (decisions.shape, decisions.stride(), decisions.dtype, decisions.device),
+        threshold_scale_factor is None, next_n, rule, grid_splits, long_splits, long_split_ratio, min_warps_per_sm,
+        k_stages,
+    )
+    launch = _LAUNCHES.get(key)
+    if launch is None:
+        launch = _validate(q, k_cache, v_cache, block_table, seq_lens, threshold_scale_factor, next_n, rule,
+                           grid_splits, long_splits, long_split_ratio, out, workspace, skip_counts, decisions,
+                           min_warps_per_sm, k_stages)
+        _LAUNCHES[key] = launch
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("out", out)):
+        if t is not None and t.data_ptr() % 16:
+            raise ValueError(f"{name} must be 16-byte aligned (data_ptr {t.data_ptr():#x})")
+    if check_values and not torch.cuda.is_current_stream_capturing():
+        _check_values(k_cache, block_table, seq_lens, launch, longest)
+    if out is None:
+        out = torch.empty_like(q)
+    if workspace is None:
+        workspace = decode_workspace(*launch.workspace_shape, q.device)
+    elif launch.combine is not None and workspace[0].data_ptr() % 16:
+        raise ValueError("the workspace's partial outputs must be 16-byte aligned")
+    o_part, lse_part = workspace
+    log2_factor = math.log2(threshold_scale_factor) if threshold_scale_factor is not None else 0.0
+    launch.decode(
+        q, k_cache, v_cache, block_table, seq_lens, out, o_part, lse_part,
+        # Without counting / recording the kernel never reads these: seq_lens stands in.
+        skip_counts.view(-1) if launch.count else seq_lens,
+        decisions if launch.record else seq_lens.view(1, 1, -1),
+        softmax_scale * LOG2E, log2_factor, launch.grid_splits, launch.long_splits, launch.long_split_ratio,
+        launch.rule_min_tiles, launch.rule_target_splits,
+    )
+    if launch.combine is not None:
+        launch.combine(o_part[:launch.grid_splits], lse_part[:launch.grid_splits], out, seq_lens, launch.next_n,
+                       launch.rule_min_tiles, launch.rule_target_splits)
+    return out
+
+
+def _validate(q, k_cache, v_cache, block_table, seq_lens, threshold_scale_factor, next_n, rule: SplitRule | None,
+              grid_splits, long_splits, long_split_ratio, out, workspace, skip_counts, decisions, min_warps_per_sm,
+              k_stages) -> _Launch:
+    """Every check that the tensors' metadata allows, once per call signature; returns the launch."""
+    if rule is not None:
+        if long_splits or long_split_ratio != 1:
+            raise ValueError("long_splits / long_split_ratio need num_splits (an explicit shape); without it the "
+                             "split rule decides")
+        rule_min_tiles, rule_target_splits = rule.min_tiles, rule.target_splits
+    else:
+        num_splits = grid_splits
+        if not 1 <= num_splits <= MAX_SPLITS or num_splits != int(num_splits):
+            raise ValueError(f"num_splits must be an integer in [1, {MAX_SPLITS}], got {num_splits}")
+        if not 0 <= long_splits <= num_splits or long_splits != int(long_splits):
+            raise ValueError(f"long_splits must be an integer in [0, num_splits={num_splits}], got {long_splits}")
+        if not 1 <= long_split_ratio <= MAX_LONG_SPLIT_RATIO or long_split_ratio != int(long_split_ratio):
+            raise ValueError(f"long_split_ratio must be an integer in [1, {MAX_LONG_SPLIT_RATIO}], got {long_split_ratio}")
+        grid_splits, long_splits, long_split_ratio = int(num_splits), int(long_splits), int(long_split_ratio)
+        rule_min_tiles, rule_target_splits = 0, 1
     if q.dim() != 3 or k_cache.dim() != 4 or v_cache.dim() != 4:
         raise ValueError("q must be [tokens, Hq, D] and the caches [num_blocks, block_size, Hkv, D]")
     if k_cache.shape != v_cache.shape:
@@ -770,74 +978,76 @@ def blasst_decode(
         raise ValueError(f"q, k_cache and v_cache must share one dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
     batch = seq_lens.numel()
     tokens, hq, d = q.shape
-    _, block_size, hkv, dk = k_cache.shape
+    num_blocks, block_size, hkv, dk = k_cache.shape
     if dk != d:
         raise ValueError(f"q head_dim {d} != cache head_dim {dk}")
     if hq % hkv:
         raise ValueError(f"num_q_heads ({hq}) must be a multiple of num_kv_heads ({hkv})")
-    if batch == 0 or tokens % batch:
-        raise ValueError(f"q has {tokens} tokens, not a multiple of the {batch} requests (uniform decode only)")
-    next_n = tokens // batch
+    if next_n is None:
+        if batch == 0 or tokens % batch:
+            raise ValueError(f"q has {tokens} tokens, not a multiple of the {batch} requests (uniform decode only)")
+        next_n = tokens // batch
+    elif tokens != batch * next_n:
+        raise ValueError(f"q has {tokens} tokens, but next_n={next_n} query tokens for each of the {batch} requests "
+                         f"make {batch * next_n}")
     _check_static(d, hq // hkv, next_n, block_size, q.dtype)
-    if seq_lens.dtype != torch.int32 or block_table.dtype != torch.int32 or block_table.dim() != 2:
+    if seq_lens.dtype != torch.int32 or seq_lens.dim() != 1 or block_table.dtype != torch.int32 or block_table.dim() != 2:
         raise ValueError("seq_lens must be int32 [B] and block_table int32 [B, max_blocks]")
     if block_table.shape[0] != batch or block_table.stride(1) != 1:
         raise ValueError(f"block_table must be [B={batch}, max_blocks] with contiguous rows")
+    if not seq_lens.is_contiguous():
+        raise ValueError("seq_lens must be contiguous")
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.stride(-1) != 1 or any(s % 8 for s in t.stride()[:-1]) or t.data_ptr() % 16:
-            raise ValueError(f"{name} needs a contiguous head dim, 16-byte alignment and strides that are multiples of 8")
-    if threshold_scale_factor is not None and not (threshold_scale_factor > 0 and math.isfinite(threshold_scale_factor)):
-        raise ValueError(f"threshold_scale_factor must be a finite number > 0 or None, got {threshold_scale_factor!r}")
-    if out is None:
-        out = torch.empty_like(q)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1 or any(s % 8 for s in out.stride()[:-1]):
-        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with a contiguous head dim")
-    if num_splits is None:
-        if long_splits or long_split_ratio != 1:
-            raise ValueError("long_splits / long_split_ratio need num_splits; without it all three come from "
-                             "split_shape_heuristic")
-        num_splits, long_splits, long_split_ratio = split_shape_heuristic(
-            batch, hkv, hq // hkv * next_n, max_seq_len or (1 << 17), q.device)
-    if not 1 <= num_splits <= MAX_SPLITS or num_splits != int(num_splits):
-        raise ValueError(f"num_splits must be an integer in [1, {MAX_SPLITS}], got {num_splits}")
-    if not 0 <= long_splits <= num_splits or long_splits != int(long_splits):
-        raise ValueError(f"long_splits must be an integer in [0, num_splits={num_splits}], got {long_splits}")
-    if not 1 <= long_split_ratio <= MAX_LONG_SPLIT_RATIO or long_split_ratio != int(long_split_ratio):
-        raise ValueError(f"long_split_ratio must be an integer in [1, {MAX_LONG_SPLIT_RATIO}], got {long_split_ratio}")
-    num_splits, long_splits, long_split_ratio = int(num_splits), int(long_splits), int(long_split_ratio)
-    final = num_splits == 1
-    if workspace is None:
-        workspace = decode_workspace(num_splits if not final else 1, tokens if not final else 1, hq if not final else 1, d, q.device)
-    o_part, lse_part = workspace
-    if not final and (o_part.shape[0] < num_splits or o_part.shape[1:] != (tokens, hq, d)
-                      or lse_part.shape != o_part.shape[:3] or o_part.dtype != torch.float32
-                      or lse_part.dtype != torch.float32 or not o_part.is_contiguous()
-                      or not lse_part.is_contiguous() or o_part.data_ptr() % 16):
-        raise ValueError(f"workspace must be contiguous fp32 partials [>= {num_splits}, {tokens}, {hq}, {d}] and LSEs "
-                         f"[>= {num_splits}, {tokens}, {hq}], 16-byte aligned (decode_workspace)")
+        if t.stride(-1) != 1 or any(s % 8 for s in t.stride()[:-1]):
+            raise ValueError(f"{name} needs a contiguous head dim and strides that are multiples of 8")
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1
+                            or any(s % 8 for s in out.stride()[:-1])):
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with a contiguous head dim and strides that are "
+                         "multiples of 8")
+    final = grid_splits == 1
+    workspace_shape = (grid_splits, tokens, hq, d) if not final else (1, 1, 1, d)
+    if workspace is not None and not final:
+        o_part, lse_part = workspace
+        if (o_part.shape[0] < grid_splits or o_part.shape[1:] != (tokens, hq, d) or lse_part.shape != o_part.shape[:3]
+                or o_part.dtype != torch.float32 or lse_part.dtype != torch.float32 or not o_part.is_contiguous()
+                or not lse_part.is_contiguous() or o_part.device != q.device or lse_part.device != q.device):
+            raise ValueError(f"workspace must be contiguous fp32 partials [>= {grid_splits}, {tokens}, {hq}, {d}] and "
+                             f"LSEs [>= {grid_splits}, {tokens}, {hq}] on q's device, 16-byte aligned (decode_workspace)")
     if skip_counts is not None and (skip_counts.shape != (batch, 2) or skip_counts.dtype != torch.int32
                                     or not skip_counts.is_contiguous()):
         raise ValueError(f"skip_counts must be contiguous int32 [B={batch}, 2]")
     has_threshold = threshold_scale_factor is not None
-    count = skip_counts is not None and has_threshold
-    record = decisions is not None and has_threshold
     row_tiles = -(-next_n * (hq // hkv) // Q_TILE_ROWS)
     if decisions is not None and (decisions.dtype != torch.int32 or decisions.dim() != 3 or not decisions.is_contiguous()
                                   or decisions.shape[:2] != (batch, hkv * row_tiles)):
         raise ValueError(f"decisions must be contiguous int32 [B={batch}, {hkv * row_tiles}, max_tiles]")
-    fn = compile_blasst_decode(
+    if q.device.type != "cuda":
+        raise ValueError(f"q must be on a CUDA device, got {q.device}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("block_table", block_table), ("seq_lens", seq_lens),
+                    ("out", out), ("skip_counts", skip_counts), ("decisions", decisions)):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}: every tensor must be on q's device")
+    count = skip_counts is not None and has_threshold
+    record = decisions is not None and has_threshold
+    decode = compile_blasst_decode(
         head_dim=d, group=hq // hkv, next_n=next_n, block_size=block_size, dtype=q.dtype,
         has_threshold=has_threshold, count_skips=count, record_decisions=record, final_output=final,
         min_warps_per_sm=min_warps_per_sm, k_stages=k_stages,
     )
-    log2_factor = math.log2(threshold_scale_factor) if has_threshold else 0.0
-    fn(
-        q, k_cache, v_cache, block_table, seq_lens, out, o_part, lse_part,
-        # Without counting the kernel never reads the counts: seq_lens (int32, 1-D) stands in.
-        skip_counts.view(-1) if count else seq_lens,
-        decisions if record else seq_lens.view(1, 1, -1),  # stand-in, never read
-        softmax_scale * LOG2E, log2_factor, num_splits, long_splits, long_split_ratio,
-    )
-    if not final:
-        compile_blasst_combine(head_dim=d, dtype=q.dtype)(o_part[:num_splits], lse_part[:num_splits], out)
-    return out
+    combine = None if final else compile_blasst_combine(head_dim=d, dtype=q.dtype)
+    return _Launch(decode, combine, next_n, grid_splits, long_splits, long_split_ratio, rule_min_tiles,
+                   rule_target_splits, workspace_shape, count, record)
+
+
+def _check_values(k_cache, block_table, seq_lens, launch: _Launch, longest: int) -> None:
+    """The checks that need the tensors' values (``check_values=True``; syncs the device)."""
+    lens = seq_lens.tolist()
+    bs = k_cache.shape[1]
+    for b, n in enumerate(lens):
+        if n != 0 and not launch.next_n <= n <= longest:
+            raise ValueError(f"seq_lens[{b}]={n}: expected 0 or [next_n={launch.next_n}, {longest}] (the block table "
+                             f"addresses {block_table.shape[1] * bs} keys; max_seq_len caps that)")
+        used = block_table[b, :-(-n // bs)]
+        if used.numel() and not bool(((used >= 0) & (used < k_cache.shape[0])).all()):
+            raise ValueError(f"block_table[{b}] holds block ids outside [0, {k_cache.shape[0]}) within its "
+                             f"{used.numel()} used blocks")

@@ -10,6 +10,7 @@ from vllm_blackwell_sparse.reference.blasst import (
     blasst_log_lambda,
     gather_paged_kv,
     paged_attention_dense,
+    rule_tile_ranges,
     split_tile_ranges,
 )
 from vllm_blackwell_sparse.reference.topk import (
@@ -29,6 +30,7 @@ __all__ = [
     "gvr_topk_emulation",
     "ordered_keys",
     "paged_attention_dense",
+    "rule_tile_ranges",
     "split_tile_ranges",
     "topk_reference",
 ]

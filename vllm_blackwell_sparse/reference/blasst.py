@@ -28,10 +28,13 @@ The decision of a tile is ``max_r (m_loc_r - m_run_r) < ln λ`` and its *margin*
 threshold. Kernels compute in a different order and precision, so they must agree
 with this oracle on every decision whose margin exceeds 1e-3; the others are counted.
 
-Split-KV: the visited tiles ``[0, n_tiles)`` are cut into ``num_splits`` contiguous
-ranges (:func:`split_tile_ranges`): by default of ``ceil(n_tiles / num_splits)`` tiles
-each; with ``long_splits = L > 0`` the first ``L`` ranges are ``long_split_ratio`` times
-as long as the rest (a kernel that dispatches splits in order then ends on short ones).
+Split-KV: the visited tiles ``[0, n_tiles)`` are cut into contiguous ranges. With a
+``split_rule = (min_tiles, target_splits)`` the ranges depend on the request's own
+length only (:func:`rule_tile_ranges`): ``max(min_tiles, ceil(T / target_splits))``
+tiles each, ``T = ceil(kv_len / kv_tile_size)``, from tile 0 (the batch-invariant rule
+kernels run by default). Otherwise ``num_splits`` ranges (:func:`split_tile_ranges`): by
+default of ``ceil(n_tiles / num_splits)`` tiles each; with ``long_splits = L > 0`` the
+first ``L`` ranges are ``long_split_ratio`` times as long as the rest.
 Each split has its own running statistics and its first visited tile is never skipped.
 Splits are merged with their log-sum-exp. ``visit_order`` is the order the kernel walks
 the tiles of a split.
@@ -133,6 +136,20 @@ def split_tile_ranges(n_tiles: int, num_splits: int, long_splits: int = 0, long_
     return ranges
 
 
+def rule_tile_ranges(kv_len: int, n_tiles: int, kv_tile_size: int, min_tiles: int, target_splits: int) -> list[tuple[int, int]]:
+    """The tile ranges of a row group visiting tiles ``[0, n_tiles)`` of a request of
+    ``kv_len`` keys under the request-only split rule: every request of ``T =
+    ceil(kv_len / kv_tile_size)`` tiles has ``max(1, ceil(T / L))`` ranges of
+    ``L = max(min_tiles, ceil(T / target_splits))`` tiles, clipped to ``n_tiles`` (a row
+    group whose causal limit ends early gets empty ranges at its end)."""
+    if min_tiles < 1 or target_splits < 1:
+        raise ValueError(f"split_rule needs min_tiles >= 1 and target_splits >= 1, got ({min_tiles}, {target_splits})")
+    total = -(-max(kv_len, 0) // kv_tile_size)
+    length = max(min_tiles, -(-total // target_splits))
+    count = max(1, -(-total // length))
+    return [(min(s * length, n_tiles), min((s + 1) * length, n_tiles)) for s in range(count)]
+
+
 def _check_split_shape(num_splits, long_splits, long_split_ratio):
     if num_splits < 1 or num_splits != int(num_splits):
         raise ValueError(f"num_splits must be an integer >= 1, got {num_splits}")
@@ -184,6 +201,7 @@ def blasst_attention_reference(
     visit_order: str = "descending",
     long_splits: int = 0,
     long_split_ratio: int = 1,
+    split_rule: tuple[int, int] | None = None,
 ) -> BlasstResult:
     """Tile-wise online-softmax attention with the BLASST skip rule (module docstring).
 
@@ -201,6 +219,8 @@ def blasst_attention_reference(
             within a split, ``"descending"`` (FA4's) or ``"ascending"``.
         long_splits, long_split_ratio: the first ``long_splits`` splits are
             ``long_split_ratio`` times as long as the rest (:func:`split_tile_ranges`).
+        split_rule: ``(min_tiles, target_splits)``: the request-only ranges of
+            :func:`rule_tile_ranges` instead of ``num_splits`` and the rest.
     """
     _check_inputs(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, kv_tile_size, q_tile_rows, visit_order)
     _check_split_shape(num_splits, long_splits, long_split_ratio)
@@ -239,7 +259,11 @@ def blasst_attention_reference(
             kv_end = int(limit.max())
             n_tiles = -(-kv_end // kv_tile_size)
             o_parts, lse_parts = [], []
-            for s, (t0, t1) in enumerate(split_tile_ranges(n_tiles, num_splits, long_splits, long_split_ratio)):
+            if split_rule is not None:
+                ranges = rule_tile_ranges(kv_len, n_tiles, kv_tile_size, *split_rule)
+            else:
+                ranges = split_tile_ranges(n_tiles, num_splits, long_splits, long_split_ratio)
+            for s, (t0, t1) in enumerate(ranges):
                 if t0 >= t1:
                     continue
                 order = range(t0, t1) if visit_order == "ascending" else range(t1 - 1, t0 - 1, -1)

@@ -8,7 +8,7 @@ change which tiles are eligible, so each variant gets its own factor).
 
 Cells are ``BATCHxCONTEXT`` on the synthetic peaked batch (``workloads.peaked_decode_batch``),
 ``--gqa`` head shapes and ``--pages``; ``--real-model-shape`` adds SmolLM2-135M's shape
-(9/3 heads, d 64, page 128) at batch 8 and 64 x 4K / 7K.
+(9/3 heads, d 64, page 128) at batch 1 x 4K, 8 and 64 x 4K / 7K.
 """
 
 import argparse
@@ -108,7 +108,7 @@ def main():
                 b, ctx = (int(x) for x in c.split("x"))
                 jobs.append((b, ctx, hq, hkv, 128, page))
     if a.real_model_shape:
-        jobs += [(b, ctx, 9, 3, 64, 128) for b in (8, 64) for ctx in (4096, 7000)]
+        jobs = [(b, ctx, 9, 3, 64, 128) for b, ctx in ((1, 4096), (8, 4096), (8, 7000), (64, 4096), (64, 7000))] + jobs
     res = {"environment": environment(), "args": vars(a), "cells": []}
     out = Path(a.out)
     for job in jobs:

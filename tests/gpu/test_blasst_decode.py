@@ -248,7 +248,7 @@ def test_combine_with_and_without_pdl_agree():
     with_pdl = bd.blasst_decode(w["q"], w["k_cache"], w["v_cache"], w["block_table"], w["seq_lens"],
                                 softmax_scale=d ** -0.5, threshold_scale_factor=30.0, num_splits=splits, workspace=ws)
     plain = torch.empty_like(with_pdl)
-    bd.compile_blasst_combine(head_dim=d, dtype=w["q"].dtype, use_pdl=False)(ws[0], ws[1], plain)
+    bd.compile_blasst_combine(head_dim=d, dtype=w["q"].dtype, use_pdl=False)(ws[0], ws[1], plain, w["seq_lens"], 1, 0, 1)
     assert with_pdl.abs().max().item() > 0 and torch.equal(with_pdl, plain)
 
 

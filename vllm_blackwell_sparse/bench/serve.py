@@ -233,17 +233,15 @@ def _step_cell(engine, ids, max_tokens, torch, profile: bool = True) -> dict:
     cell = {"steps": len(steps), "window_steps": len(window), "pure_decode_steps": len(pure),
             "median_decode_step_ms": statistics.median(pure) if pure else float("nan"), "profile": prof_result}
     win = [i for i, s in enumerate(steps) if s[3] and s[4]]
-    if win:
-        t_first, t_last = steps[win[0]][1], steps[win[-1]][1]
-        # Tokens per request generated in (t_first, t_last]: every request gains one per step.
-        toks = sum(1 for i in win[1:] if steps[i][2] == batch)
-        profiled = [(steps[i][1] - steps[i][0]) for i in win[1:] if i in profile_steps]
-        span = t_last - t_first - sum(profiled)
-        toks -= sum(1 for i in win[1:] if i in profile_steps and steps[i][2] == batch)
-        cell["tpot_ms"] = span / toks * 1e3 if toks > 0 else float("nan")
-        cell["decode_tokens_per_s"] = batch / (span / toks) if toks > 0 else float("nan")
-    else:
-        cell["tpot_ms"] = cell["decode_tokens_per_s"] = float("nan")
+    # TPOT: the time from one step's end to the next one's (the engine's whole step,
+    # scheduling and output processing included) over the tokens each request got in it,
+    # on the window; intervals that hold the profiler's start, steps or summary are left out.
+    intervals = [(steps[i][1] - steps[i - 1][1], steps[i][2] / batch) for i in win
+                 if i > 0 and i not in profile_steps and i - 1 not in profile_steps]
+    span, toks = sum(t for t, _ in intervals), sum(n for _, n in intervals)
+    cell["tpot_ms"] = span / toks * 1e3 if toks > 0 else float("nan")
+    cell["decode_tokens_per_s"] = batch * toks / span if span > 0 else float("nan")
+    cell["step_end_times_s"] = [round(s[1] - steps[0][0], 6) for s in steps]  # for re-analysis
     ttft, tpot_engine, cached = [], [], []
     for o in finished.values():
         m = o.metrics

@@ -2,6 +2,14 @@
 V3.2 of examples/tiny_deepseek_v32 (no tokenizer, token-id prompts; DeepGEMM compiles
 on first start, ~2 min). Any attention backend: GVR only replaces the indexer's decode top-k."""
 
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    sys.exit("this example runs vLLM on an sm90 / sm100 GPU and CUDA is not available here "
+             "(`vbs demo` shows a CPU demonstration of the oracles instead)")
+
 from pathlib import Path
 
 from vllm import LLM, SamplingParams

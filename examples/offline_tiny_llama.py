@@ -1,5 +1,13 @@
 """Offline inference with the CUSTOM backend on the embedded tiny Llama (dummy weights)."""
 
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    sys.exit("this example runs vLLM on an sm90 / sm100 GPU and CUDA is not available here "
+             "(`vbs demo` shows a CPU demonstration of the oracles instead)")
+
 from vllm import LLM, SamplingParams
 
 from vllm_blackwell_sparse.demo import TINY_LLAMA_DIR

@@ -39,7 +39,7 @@ def test_valid_values():
         ({"prefill_threshold_scale_factor": True}, "has type bool"),
         ({"decode_threshold_scale_factor": [1]}, "has type list"),
         ({"gvr_topk": "maybe"}, "gvr_topk"),
-        ({"gvr_topk": 1}, "gvr_topk"),
+        ({"gvr_topk": 2}, "gvr_topk"),
         ({"decode_threshold_factor": 3}, "unknown key"),
     ],
 )
@@ -114,3 +114,27 @@ def test_blasst_without_kernel_is_refused_not_silently_dense():
     assert unavailable_feature_reasons(BlackwellSparseConfig(decode_threshold_scale_factor=20.0)) == []
     reasons = unavailable_feature_reasons(BlackwellSparseConfig(prefill_threshold_scale_factor=20.0))
     assert len(reasons) == 1 and "prefill_threshold_scale_factor" in reasons[0] and "no BLASST prefill kernel" in reasons[0]
+
+
+@pytest.mark.parametrize("value,want", [(True, True), (1, True), ("yes", True), ("ON", True), (" 1 ", True),
+                                        (False, False), (0, False), ("no", False), ("off", False), ("", False)])
+def test_one_boolean_rule_for_json_and_environment(value, want):
+    assert parse_config({"gvr_topk": value}, environ={}).gvr_topk is want
+    if isinstance(value, str):
+        assert parse_config({}, environ={"VBS_GVR_TOPK": value}).gvr_topk is want
+
+
+def test_out_of_range_factors_are_reported_as_given():
+    with pytest.raises(ConfigError, match=r"VBS_DECODE_THRESHOLD_SCALE_FACTOR: decode_threshold_scale_factor='1e400'"):
+        parse_config({}, environ={"VBS_DECODE_THRESHOLD_SCALE_FACTOR": "1e400"})
+    assert parse_config({"decode_threshold_scale_factor": "5"}, environ={}).decode_threshold_scale_factor == 5.0
+
+
+def test_settings_where_they_are_never_read_are_named():
+    from vllm_blackwell_sparse.config import misplaced_settings
+
+    got = misplaced_settings({"blackwell-sparse": {}, "blackwel_sparse": {}, "gvr_topk": True, "other_plugin": {},
+                              "blackwell_sparse": {}})
+    assert len(got) == 3
+    assert 'did you mean "blackwell_sparse"' in got[0] and 'did you mean "blackwell_sparse"' in got[1]
+    assert '"gvr_topk" at the top level' in got[2]

@@ -54,3 +54,11 @@ def test_bad_values_and_unregistered_names_are_refused():
 
 def test_unknown_vbs_variables_are_found():
     assert envs.unknown_vbs_variables({"VBS_GVR_TOPKK": "1", "VBS_GVR_TOPK": "1", "PATH": "/"}) == ["VBS_GVR_TOPKK"]
+
+
+def test_ci_runs_exactly_the_readmes_test_command():
+    text = README.read_text()
+    section = text[text.index("## Run the tests"):]
+    command = section[section.index("```bash\n") + 8:section.index("\n```", section.index("```bash\n"))].strip()
+    ci = (README.parent / ".ci" / "run").read_text().strip().splitlines()
+    assert ci[-1].strip() == command

@@ -68,11 +68,20 @@ def test_register_touches_no_cuda(fresh_registry, monkeypatch):
     assert not torch.cuda.is_initialized()
 
 
+@pytest.fixture
+def caplog(caplog):
+    """pytest's caplog, also seeing vLLM's "vllm" logger (which does not propagate to the root)."""
+    vllm_logger = logging.getLogger("vllm")
+    vllm_logger.addHandler(caplog.handler)
+    yield caplog
+    vllm_logger.removeHandler(caplog.handler)
+
+
 def test_unsupported_vllm_version_registers_nothing_and_says_why(fresh_registry, monkeypatch, caplog):
     import vllm
 
     monkeypatch.setattr(vllm, "__version__", "0.27.1")
-    with caplog.at_level(logging.ERROR, logger="vllm_blackwell_sparse"):
+    with caplog.at_level(logging.WARNING, logger="vllm.vllm_blackwell_sparse.plugin"):
         assert plugin.register() is False
     assert "vllm>=0.26.0,<0.27" in caplog.text and "0.27.1" in caplog.text and "NOT registered" in caplog.text
     with pytest.raises(ValueError):
@@ -89,9 +98,19 @@ def test_version_range(version, ok):
 
 def test_register_logs_bad_or_unavailable_env_settings(fresh_registry, monkeypatch, caplog):
     monkeypatch.setenv("VBS_DECODE_THRESHOLD_SCALE_FACTOR", "-2")
-    with caplog.at_level(logging.ERROR, logger="vllm_blackwell_sparse"):
+    with caplog.at_level(logging.WARNING, logger="vllm.vllm_blackwell_sparse.plugin"):
         assert plugin.register() is True  # still registered: only a bad setting
-    assert "VBS_DECODE_THRESHOLD_SCALE_FACTOR" in caplog.text
+    assert "VBS_DECODE_THRESHOLD_SCALE_FACTOR" in caplog.text and "stays registered" in caplog.text
+    assert all(r.name.startswith("vllm.") and r.levelname == "ERROR" for r in caplog.records)
+
+
+def test_register_names_misspelt_variables(fresh_registry, monkeypatch, caplog):
+    monkeypatch.setenv("VBS_DECODE_THRESHOLD", "5")
+    monkeypatch.setenv("VBS_GVR_TOPKK", "1")
+    with caplog.at_level(logging.WARNING, logger="vllm.vllm_blackwell_sparse.plugin"):
+        assert plugin.register() is True
+    assert "VBS_GVR_TOPKK is set but is not one of our variables" in caplog.text
+    assert "did you mean VBS_GVR_TOPK?" in caplog.text and "did you mean VBS_DECODE_THRESHOLD_SCALE_FACTOR?" in caplog.text
 
 
 def test_register_never_raises(fresh_registry, monkeypatch, caplog):
@@ -101,7 +120,7 @@ def test_register_never_raises(fresh_registry, monkeypatch, caplog):
         raise RuntimeError("simulated registry failure")
 
     monkeypatch.setattr(registry, "register_backend", broken)
-    with caplog.at_level(logging.ERROR, logger="vllm_blackwell_sparse"):
+    with caplog.at_level(logging.WARNING, logger="vllm.vllm_blackwell_sparse.plugin"):
         assert plugin.register() is False
     assert "simulated registry failure" in caplog.text
 

@@ -7,7 +7,10 @@ reaches every vLLM process with the ``VllmConfig``::
     LLM(M, additional_config={"blackwell_sparse": {"gvr_topk": True}})
 
 An environment variable ``VBS_<KEY upper-case>`` overrides the key of the same name
-(``VBS_DECODE_THRESHOLD_SCALE_FACTOR=20``; ``none`` or an empty value unsets a factor).
+(``VBS_DECODE_THRESHOLD_SCALE_FACTOR=20``). One rule reads JSON values and environment
+text alike: a factor is a number or its text, ``null`` / ``"none"`` / empty unsets it; a
+boolean is ``true`` / ``false``, ``1`` / ``0`` or the words yes / no / on / off (any
+case, as JSON values or strings); an empty value means the default.
 This module is readable from any process, with or without our attention backend
 selected (the DeepSeek-V3.2 DSA path does not use it).
 """
@@ -20,12 +23,12 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
-from vllm_blackwell_sparse.envs import ENV_PREFIX, ENV_VARS
+from vllm_blackwell_sparse.envs import ENV_PREFIX, ENV_VARS, EnvError, parse_bool
 
 CONFIG_SECTION = "blackwell_sparse"
 
 _FACTOR_HELP = "a finite number > 0, or null to disable skipping (λ = factor / kv_len)"
-_BOOL_HELP = "true or false"
+_BOOL_HELP = "true/false (also 1/0, yes/no, on/off)"
 _KEY_HELP = {
     "prefill_threshold_scale_factor": _FACTOR_HELP,
     "decode_threshold_scale_factor": _FACTOR_HELP,
@@ -54,6 +57,7 @@ class BlackwellSparseConfig:
 
 
 def _parse_factor(key: str, value: Any, source: str) -> float | None:
+    given = value
     if value is None:
         return None
     if isinstance(value, str):
@@ -63,24 +67,27 @@ def _parse_factor(key: str, value: Any, source: str) -> float | None:
         try:
             value = float(text)
         except ValueError:
-            raise ConfigError(f"{source}{key}={value!r} is not a number; expected {_FACTOR_HELP}") from None
+            raise ConfigError(f"{source}{key}={given!r} is not a number; expected {_FACTOR_HELP}") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{source}{key}={value!r} has type {type(value).__name__}; expected {_FACTOR_HELP}")
+        raise ConfigError(f"{source}{key}={given!r} has type {type(given).__name__}; expected {_FACTOR_HELP}")
     value = float(value)
     if not (math.isfinite(value) and value > 0):
-        raise ConfigError(f"{source}{key}={value!r} is out of range; expected {_FACTOR_HELP}")
+        raise ConfigError(f"{source}{key}={given!r} is out of range; expected {_FACTOR_HELP}")
     return value
 
 
 def _parse_bool(key: str, value: Any, source: str) -> bool:
     if isinstance(value, bool):
         return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
     if isinstance(value, str):
-        text = value.strip().lower()
-        if text in ("1", "true", "yes", "on"):
-            return True
-        if text in ("0", "false", "no", "off", ""):
-            return False
+        if not value.strip():
+            return False  # empty: the default
+        try:
+            return parse_bool(value, f"{source}{key}")
+        except EnvError:
+            pass
     raise ConfigError(f"{source}{key}={value!r} is not a boolean; expected {_BOOL_HELP}")
 
 
@@ -135,7 +142,28 @@ def section_from_additional_config(additional_config: Any) -> Mapping[str, Any] 
             raise ConfigError(f"additional_config is not valid JSON: {e}") from None
     if not isinstance(additional_config, Mapping):
         return None
+    for problem in misplaced_settings(additional_config):
+        from vllm_blackwell_sparse.util import get_logger, warn_once
+
+        warn_once(get_logger(__name__), problem)
     return additional_config.get(CONFIG_SECTION)
+
+
+def misplaced_settings(additional_config: Mapping[str, Any]) -> list[str]:
+    """What in ``additional_config`` looks meant for us but sits where we never read it:
+    a section whose name is close to ``blackwell_sparse``, or our keys at the top level."""
+    import difflib
+
+    problems = []
+    for name in additional_config:
+        if name == CONFIG_SECTION or not isinstance(name, str):
+            continue
+        if name in _PARSERS:
+            problems.append(f'additional_config has "{name}" at the top level, where it is ignored; it belongs in '
+                            f'additional_config["{CONFIG_SECTION}"]')
+        elif difflib.get_close_matches(name.replace("-", "_").lower(), [CONFIG_SECTION], n=1, cutoff=0.8):
+            problems.append(f'additional_config["{name}"] is ignored: did you mean "{CONFIG_SECTION}"?')
+    return problems
 
 
 def load_config(vllm_config: Any | None = None) -> BlackwellSparseConfig:

@@ -1,9 +1,11 @@
-"""``vbs demo``: offline ``LLM()`` on the embedded tiny Llama, our backend vs stock FLASH_ATTN.
+"""``vbs demo``: offline ``LLM()``, our backend vs stock FLASH_ATTN.
 
-Each backend runs in its own Python process (a fresh vLLM engine each, nothing cached
-between them). Reported: end-to-end generation tokens/s of each (prefill + decode of
-the whole batch, after a warm-up) and the share of identical greedy tokens. The model
-has dummy weights, so the text is meaningless; token equality is what compares.
+On the real SmolLM2-135M-Instruct where ``vbs model prepare`` has written it (the user
+cache), else on the embedded tiny dummy-weight Llama, saying so. Each backend runs in
+its own Python process (a fresh vLLM engine each, nothing cached between them).
+Reported: end-to-end generation tokens/s of each (prefill + decode of the whole batch,
+after a warm-up) and the share of identical greedy tokens (with the dummy model the
+text is meaningless; token equality is what compares).
 
 Without CUDA it says so and demonstrates the torch oracles on CPU instead.
 """
@@ -29,6 +31,7 @@ class GenerationSpec:
     backend: str = "CUSTOM"  # an AttentionBackendEnum name
     flash_attn_version: int | None = None  # for FLASH_ATTN: None = vLLM's choice (FA3 on Hopper)
     model: str = str(TINY_LLAMA_DIR)
+    load_format: str = "dummy"  # "auto" for a real checkpoint
     num_prompts: int = 32
     prompt_tokens: int = 1024
     max_tokens: int = 128
@@ -63,7 +66,7 @@ def generate_tokens(spec: GenerationSpec) -> dict:
         attention_config["flash_attn_version"] = spec.flash_attn_version
     llm = LLM(
         model=spec.model,
-        load_format="dummy",
+        load_format=spec.load_format,
         dtype="bfloat16",
         seed=0,
         max_model_len=spec.max_model_len,
@@ -142,6 +145,20 @@ def token_agreement(a: list[list[int]], b: list[list[int]]) -> float:
 _DEFAULT = GenerationSpec()
 
 
+def demo_model() -> tuple[dict, str]:
+    """``(GenerationSpec fields, label)``: the real SmolLM2 where it is prepared, else the tiny model."""
+    from vllm_blackwell_sparse.models.prepare import MODELS, default_cache_dir, read_provenance
+
+    name = next(iter(MODELS))
+    path = default_cache_dir() / name
+    provenance = read_provenance(path)
+    if provenance is not None and (path / "config.json").exists():
+        label = f"{name} ({provenance.get('label') or provenance.get('source')})"
+        return {"model": str(path), "load_format": "auto", "max_model_len": 8192}, label
+    return {}, (f"the tiny dummy-weight Llama (no real model prepared: `vbs model prepare {name}` writes "
+                f"{path})")
+
+
 def run_demo(
     *,
     num_prompts: int = _DEFAULT.num_prompts,
@@ -155,17 +172,19 @@ def run_demo(
     if not gpu["cuda"] or gpu["capability"][0] not in (9, 10):
         why = f"no CUDA device here ({gpu['reason']})" if not gpu["cuda"] else f"{gpu['name']} is {gpu['arch']}"
         print(f"vbs demo: {why}.")
-        print("The GPU demo needs an sm90/sm100 GPU; running the CPU demonstration of the torch oracles instead.\n")
-        return cpu_demo()
-    print(f"vbs demo on {gpu['name']} ({gpu['arch']}): tiny dummy-weight Llama, {num_prompts} prompts x "
+        print("The GPU demo needs an sm90/sm100 GPU; running the CPU demonstration of the torch oracles instead "
+              f"(--num-prompts, --prompt-tokens and --max-tokens are for the GPU demo).\n")
+        return cpu_demo(json_path=json_path)
+    model_fields, label = demo_model()
+    print(f"vbs demo on {gpu['name']} ({gpu['arch']}): {label}, {num_prompts} prompts x "
           f"{prompt_tokens} tokens, {max_tokens} greedy tokens each")
     runs = {}
     from vllm_blackwell_sparse.backend import dense_fa_version
 
     dense = f"FA{dense_fa_version()}"
     for label, spec in (
-        (f"CUSTOM (ours, {dense})", GenerationSpec(backend="CUSTOM")),
-        ("FLASH_ATTN (stock)", GenerationSpec(backend="FLASH_ATTN")),
+        (f"CUSTOM (ours, {dense})", GenerationSpec(backend="CUSTOM", **model_fields)),
+        ("FLASH_ATTN (stock)", GenerationSpec(backend="FLASH_ATTN", **model_fields)),
     ):
         spec.num_prompts, spec.prompt_tokens, spec.max_tokens = num_prompts, prompt_tokens, max_tokens
         print(f"  running {label} ...", flush=True)
@@ -179,11 +198,18 @@ def run_demo(
           "last bits, so dummy-weight logits can tie-break differently)")
     print(f"  sample text (ours): {ra['sample_text'][:80]!r}")
     if json_path:
-        Path(json_path).write_text(json.dumps({"gpu": gpu, "agreement": agree, "runs": runs}, indent=1))
+        _write_json(json_path, {"gpu": gpu, "agreement": agree, "runs": runs})
     return 0
 
 
-def cpu_demo() -> int:
+def _write_json(path: str, data: dict) -> None:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(data, indent=1))
+    print(f"wrote {target}")
+
+
+def cpu_demo(json_path: str | None = None) -> int:
     """Show the oracles' behaviour on synthetic data (CPU, a few seconds)."""
     import torch
 
@@ -200,11 +226,18 @@ def cpu_demo() -> int:
     args = [case[k] for k in CASE_TENSORS]
     dense = paged_attention_dense(*args)
     print(f"  {'scale factor':>12s} {'skipped/eligible':>17s} {'sparsity':>9s} {'max |out - dense|':>18s}")
+    report = {"blasst": [], "gvr": []}
     for factor in (None, 1.0, 10.0, 100.0, 1000.0):
         res = blasst_attention_reference(*args, threshold_scale_factor=factor)
         err = (res.out - dense).abs().max().item()
         print(f"  {str(factor):>12s} {res.skipped_tiles:>8d}/{res.eligible_tiles:<8d} {res.sparsity:9.1%} {err:18.2e}")
+        report["blasst"].append({"factor": factor, "skipped": res.skipped_tiles, "eligible": res.eligible_tiles,
+                                 "max_abs_err": err})
     print("\nGVR emulation vs exact top-k (k = 2048, 8 rows x 32K N(0,1) logits, hint = a perturbed row's top-k)")
+    print("  A counting pass counts the keys at or above a threshold, repeated until k to 3k keys remain. The first")
+    print("  guess is the smallest logit at the hint's columns, or without a hint a quantile of a strided sample of")
+    print("  the row. This hint comes from a perturbed row and guesses low, so it needs more passes than the sample;")
+    print("  the guess changes the work only, never the result.")
     logits = random_topk_rows(8, 32768, seed=1)
     lens = torch.full((8,), 32768)
     prev = topk_reference(logits + 0.5 * random_topk_rows(8, 32768, seed=2), lens, 2048)
@@ -215,6 +248,9 @@ def cpu_demo() -> int:
         passes = sum(t.count_passes for t in traces) / len(traces)
         cands = sum(t.candidates for t in traces) / len(traces)
         print(f"  {name:14s} exact: {same}; counting passes/row {passes:.1f}; candidates/row {cands:.0f}")
+        report["gvr"].append({"hint": name, "exact": same, "counting_passes_per_row": passes, "candidates_per_row": cands})
+    if json_path:
+        _write_json(json_path, report)
     return 0
 
 

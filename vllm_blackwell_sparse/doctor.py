@@ -13,6 +13,15 @@ ENTRY_POINT_GROUP = "vllm.general_plugins"
 ENTRY_POINT_NAME = "blackwell_sparse"
 
 
+def _close_match(name: str) -> str:
+    import difflib
+
+    from vllm_blackwell_sparse.envs import ENV_VARS
+
+    match = difflib.get_close_matches(name, ENV_VARS, n=1, cutoff=0.6)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
 def _version(dist: str) -> str:
     try:
         return metadata.version(dist)
@@ -70,9 +79,13 @@ def kernel_availability(gpu: dict) -> dict[str, str]:
             dense = f"FA{dense_fa_version()}"
         except Exception as e:  # noqa: BLE001 - report whatever breaks the import
             dense = f"unknown: {type(e).__name__}: {e}"
-        out["dense attention (prefill; plain decode)"] = dense
-    for phase in ("prefill", "decode"):
-        out[f"BLASST {phase}"] = "available" if BLASST_KERNEL_AVAILABLE[phase] else "not in this release"
+    elif not gpu["cuda"]:
+        dense = "none here (no CUDA device); FA3 on sm90 where vLLM ships it, FA4 on sm100"
+    else:
+        dense = f"none here: the backend needs sm90 or sm100, this is {gpu['arch']}"
+    out["dense attention (prefill; plain decode)"] = dense
+    out["BLASST prefill"] = "not in this release" if not BLASST_KERNEL_AVAILABLE["prefill"] else "available"
+    out["BLASST decode (kernels/blasst_decode.py)"] = _blasst_decode_state(gpu)
     if gpu["cuda"] and gpu["capability"][0] in (9, 10):
         gvr = "available (exact; opt-in with gvr_topk for the DeepSeek-V3.2 indexer; runs where it measured faster than vLLM's top-k, vLLM's kernel elsewhere)"
         if importlib.util.find_spec("cutlass") is None:
@@ -81,6 +94,23 @@ def kernel_availability(gpu: dict) -> dict[str, str]:
         gvr = "unavailable: needs an sm90 / sm100 GPU"
     out["GVR top-k (kernels/gvr_topk.py)"] = gvr
     return out
+
+
+def _blasst_decode_state(gpu: dict) -> str:
+    from vllm_blackwell_sparse.envs import env_bool
+
+    if not gpu["cuda"]:
+        return "unavailable here: no CUDA device (runs on sm90; sm100 compile-checked only)"
+    if importlib.util.find_spec("cutlass") is None:
+        return "unavailable: the CuTe DSL (nvidia-cutlass-dsl) is not installed"
+    major = gpu["capability"][0]
+    if major == 9:
+        return "available (sm90: verified on the H200)"
+    if major == 10:
+        if env_bool("VBS_ENABLE_UNVERIFIED_SM100"):
+            return "available, UNVERIFIED (sm100: compile-checked only; VBS_ENABLE_UNVERIFIED_SM100=1)"
+        return "off: sm100 is compile-checked only; VBS_ENABLE_UNVERIFIED_SM100=1 runs it unverified"
+    return f"unavailable: needs sm90 or sm100, this is {gpu['arch']}"
 
 
 def run_doctor() -> int:
@@ -130,12 +160,20 @@ def run_doctor() -> int:
         else:
             print("  DSA indexer hook not armed (register() did not complete)")
     try:
-        from vllm_blackwell_sparse.config import load_config
+        from vllm_blackwell_sparse.config import load_config, unavailable_feature_reasons
 
-        print(f"  config (VBS_*)   {load_config(None).as_dict()}")
+        cfg = load_config(None)
+        print(f"  config (VBS_*)   {cfg.as_dict()}")
+        for reason in unavailable_feature_reasons(cfg):
+            ok = False
+            print(f"  config (VBS_*)   REFUSED at start-up: {reason}")
     except Exception as e:  # noqa: BLE001
         ok = False
         print(f"  config (VBS_*)   INVALID: {e}")
+    from vllm_blackwell_sparse.envs import unknown_vbs_variables
+
+    for name in unknown_vbs_variables():
+        print(f"  environment      {name} is set but means nothing to vllm-blackwell-sparse{_close_match(name)}")
     print("  kernels")
     for name, state in kernel_availability(gpu).items():
         print(f"    {name:52s} {state}")

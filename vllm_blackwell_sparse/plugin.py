@@ -10,13 +10,16 @@ error and registers nothing, so vLLM still starts for users who do not select it
 
 from __future__ import annotations
 
-import logging
+import difflib
+
+from vllm_blackwell_sparse.util import get_logger
 
 BACKEND_CLASS_PATH = "vllm_blackwell_sparse.backend.BlackwellSparseBackend"
 SUPPORTED_VLLM = (">=0.26.0", "<0.27")  # the tested range; the README's support matrix
 SUPPORTED_VLLM_TEXT = "vllm>=0.26.0,<0.27"
 
-logger = logging.getLogger("vllm_blackwell_sparse")
+# Under vLLM's "vllm" logger: these lines print in vLLM's format, in every vLLM process.
+logger = get_logger(__name__)
 _state = {"done": False, "registered": False}
 
 
@@ -54,14 +57,16 @@ def register() -> bool:
         register_backend(AttentionBackendEnum.CUSTOM, BACKEND_CLASS_PATH)
         _state["registered"] = True
     except Exception:  # never break vLLM's start-up for users who do not select us
-        logger.exception("vllm-blackwell-sparse: registering the CUSTOM attention backend failed")
+        logger.exception("vllm-blackwell-sparse: registering the CUSTOM attention backend failed; vLLM starts "
+                         "without it (selecting --attention-backend CUSTOM will fail)")
         return False
     try:
         from vllm_blackwell_sparse import dsa
 
         dsa.install()  # post-import hooks only: the indexer module is not imported here
     except Exception:
-        logger.exception("vllm-blackwell-sparse: arming the DSA indexer hook failed; gvr_topk is unavailable")
+        logger.exception("vllm-blackwell-sparse: arming the DSA indexer hook failed; gvr_topk is unavailable "
+                         "(the CUSTOM backend is registered)")
     _report_environment_config()
     return _state["registered"]
 
@@ -72,9 +77,16 @@ def _report_environment_config() -> None:
     selected, where a problem refuses start-up with vLLM's reason line."""
     from vllm_blackwell_sparse.config import ConfigError, parse_config, unavailable_feature_reasons
 
+    from vllm_blackwell_sparse.envs import ENV_VARS, unknown_vbs_variables
+
     try:
         problems = unavailable_feature_reasons(parse_config({}))
     except ConfigError as e:
         problems = [str(e)]
     for problem in problems:
-        logger.error("vllm-blackwell-sparse: %s", problem)
+        logger.error("vllm-blackwell-sparse: %s. The CUSTOM backend stays registered; selecting it refuses start-up "
+                     "with this reason, other backends start normally.", problem)
+    for name in unknown_vbs_variables():
+        match = difflib.get_close_matches(name, ENV_VARS, n=1, cutoff=0.6)
+        logger.warning("vllm-blackwell-sparse: %s is set but is not one of our variables, so it does nothing%s",
+                       name, f" (did you mean {match[0]}?)" if match else "")

@@ -36,6 +36,9 @@ FLUSH_BYTES = 256 * 1024 * 1024
 SPIN_CYCLES = 2_000_000
 
 
+GVR_CONFIG_FORMS = "auto, cN[tT][sS] (N 2/4/8/16, T 256/512, S 0/16/32) or THREADSxLOADS[xVEC] (VEC 1 or 4)"
+
+
 def parse_gvr_config(spec: str) -> dict:
     """A GVR variant as :func:`gvr_topk` keyword arguments: ``auto`` (its defaults),
     ``cN[tT][sS]`` (a cluster of N CTAs of T threads per row, S columns per thread in shared
@@ -54,9 +57,9 @@ def parse_gvr_config(spec: str) -> dict:
     try:
         threads, loads, *vec = (int(v) for v in spec.split("x"))
     except ValueError:
-        raise ValueError(f"a GVR config is auto, cN[tT] or THREADSxLOADS[xVEC], got {spec!r}") from None
-    if len(vec) > 1:
-        raise ValueError(f"a GVR config is auto, cN[tT] or THREADSxLOADS[xVEC], got {spec!r}")
+        raise ValueError(f"a GVR config is {GVR_CONFIG_FORMS}, got {spec!r}") from None
+    if len(vec) > 1 or (vec and vec[0] not in (1, 4)):
+        raise ValueError(f"a GVR config is {GVR_CONFIG_FORMS}, got {spec!r}")
     return {"ctas_per_row": 1, "threads": threads, "loads_in_flight": loads, "vec_width": vec[0] if vec else None}
 
 

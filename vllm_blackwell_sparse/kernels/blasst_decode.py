@@ -729,9 +729,14 @@ class SplitRule(NamedTuple):
         return self
 
 
-# The default rule, measured on the H200 against the batch-dependent heuristic below
-# (docs/BENCHMARKS.md, "batch-invariant splits").
-DEFAULT_SPLIT_RULE = SplitRule(min_tiles=32, target_splits=64)
+# The default rule, chosen from one H200 run against the batch-dependent heuristic below
+# (benchmarks/results/blasst_decode_split_rule_h200.json, docs/BENCHMARKS.md): splits of
+# 16 tiles (256 keys) up to 64 splits, longer beyond 16K keys. Against the heuristic:
+# within the timing noise at 1-8 requests of 4K-7K keys on SmolLM2's shape (9/3 heads, d
+# 64), 1-5% slower at 64 requests and at 8-64 x 32K (32/8, d 128), 13% slower at 1 x 32K,
+# where the heuristic's 128 splits fill the GPU. (32, 64) was 1.5x slower at 1-8 requests
+# on SmolLM2's shape; (16, 128) and (8, 128) trade small batches against large ones.
+DEFAULT_SPLIT_RULE = SplitRule(min_tiles=16, target_splits=64)
 
 
 # A batch-dependent split heuristic, measured on the H200 (benchmarks/decode_tuning.py,

@@ -99,3 +99,25 @@ def test_engine_env_passes_the_factor_outside_the_compile_hash(monkeypatch):
     assert names[:5] == ["stock FLASH_ATTN", "CUSTOM dense", "CUSTOM BLASST control", "CUSTOM BLASST f64",
                          "CUSTOM BLASST f512"]
     assert names[5:] == [n + " (eager)" for n in ("stock FLASH_ATTN", "CUSTOM dense", "CUSTOM BLASST f512")]
+
+
+def test_stats_snapshots_never_overlap_a_graph_capture(monkeypatch):
+    """The stats thread's copy waits while a CUDA graph is being captured (CPU: a fake graph class)."""
+    from vllm_blackwell_sparse import blasst_stats
+
+    class FakeGraph:
+        def capture_begin(self, *a, **k):
+            assert blasst_stats._REGISTRY.snapshot(wait_for_device=False) is None  # held off during the capture
+
+        def capture_end(self):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setitem(blasst_stats._capture, "wrapped", False)
+    blasst_stats._guard_graph_capture()
+    g = FakeGraph()
+    g.capture_begin()
+    assert blasst_stats._capture["active"] == 1
+    g.capture_end()
+    assert blasst_stats._capture["active"] == 0
+    assert blasst_stats._REGISTRY.snapshot(wait_for_device=False) == {"counters": [], "deltas": {}}

@@ -226,7 +226,7 @@ class BlackwellSparseMetadataBuilder(AttentionMetadataBuilder[BlackwellSparseMet
         blasst = self._blasst_factor_set and num_decodes > 0 and 0 < decode_query_len <= BLASST_DECODE_MAX_QUERY_LEN
         scheduler_metadata, max_num_splits = None, 0
         if self._fa3_schedule is not None and not blasst:
-            scheduler_metadata, max_num_splits = self._fa3_schedule.plan(cm)
+            scheduler_metadata, max_num_splits = self._fa3_schedule.plan(cm, fast_build)
         return BlackwellSparseMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             max_query_len=cm.max_query_len,
@@ -311,11 +311,13 @@ class BlackwellSparseImpl(AttentionImpl[BlackwellSparseMetadata]):
         # VBS_BLASST_STATS: this layer's skip counters, allocated now (before vLLM captures
         # CUDA graphs) so that captured launches add into a fixed address.
         self.skip_counter = None
+        self.largest_decode_workspace = None  # (splits, tokens) of the largest decode call, for memory profiling
         if cfg.decode_threshold_scale_factor is not None:
             from vllm_blackwell_sparse import blasst_stats
 
             if blasst_stats.stats_enabled():
                 self.skip_counter = blasst_stats.new_counter("decode", _max_decode_requests(), torch.cuda.current_device())
+            self.largest_decode_workspace = _largest_decode_workspace()
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         from vllm._custom_ops import reshape_and_cache_flash
@@ -344,6 +346,8 @@ class BlackwellSparseImpl(AttentionImpl[BlackwellSparseMetadata]):
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("fused output quantization is not supported by the CUSTOM backend")
         if attn_metadata is None:  # vLLM's memory-profiling run
+            if self.largest_decode_workspace is not None and query.is_cuda:
+                self._touch_decode_workspace(query)
             return output.fill_(0)
         m = attn_metadata
         n = m.num_actual_tokens
@@ -366,6 +370,17 @@ class BlackwellSparseImpl(AttentionImpl[BlackwellSparseMetadata]):
             num_splits=m.max_num_splits,
         )
         return output
+
+    def _touch_decode_workspace(self, query: torch.Tensor) -> None:
+        """Allocate (and free) the largest split workspace a decode call can take, so that
+        vLLM's memory profiling, which runs with no metadata, counts it before sizing the
+        KV cache: each call allocates its workspace from torch's caching allocator."""
+        from vllm_blackwell_sparse.kernels.blasst_decode import decode_workspace
+
+        splits, tokens = self.largest_decode_workspace
+        if splits > 1:
+            workspace = decode_workspace(splits, tokens, self.num_heads, self.head_size, query.device)
+            del workspace
 
     def _blasst_decode_ok(self, m: BlackwellSparseMetadata, dtype: torch.dtype, query_rows: int) -> bool:
         """Whether this batch's decode rows can run the BLASST kernel; if not, the whole
@@ -508,13 +523,36 @@ def dense_paged_attention(
     )
 
 
+# Without a vLLM config (an impl built outside vLLM), the decode batches counters cover.
+DEFAULT_MAX_DECODE_REQUESTS = 1024
+
+
+def _current_vllm_config():
+    from vllm.config import get_current_vllm_config_or_none
+
+    return get_current_vllm_config_or_none()
+
+
 def _max_decode_requests() -> int:
     """The most decode requests one batch can hold: vLLM's max_num_seqs, or a CUDA-graph
     capture size above it (padded batches)."""
-    from vllm.config import get_current_vllm_config
-
-    cfg = get_current_vllm_config()
+    cfg = _current_vllm_config()
+    if cfg is None:
+        return DEFAULT_MAX_DECODE_REQUESTS
     return max(cfg.scheduler_config.max_num_seqs, cfg.compilation_config.max_cudagraph_capture_size or 0)
+
+
+def _largest_decode_workspace() -> tuple[int, int] | None:
+    """(splits, tokens) of the largest BLASST decode call this engine can make: every
+    decode request (and its draft tokens) of max_model_len keys; None outside vLLM."""
+    from vllm_blackwell_sparse.kernels.blasst_decode import DEFAULT_SPLIT_RULE, KV_TILE
+
+    cfg = _current_vllm_config()
+    if cfg is None:
+        return None
+    drafts = getattr(cfg.speculative_config, "num_speculative_tokens", None) or 0
+    splits = DEFAULT_SPLIT_RULE.max_split_count(-(-cfg.model_config.max_model_len // KV_TILE))
+    return splits, _max_decode_requests() * (1 + drafts)
 
 
 class Fa3Schedule:
@@ -556,11 +594,19 @@ class Fa3Schedule:
             return None
         return cls(kv_cache_spec, vllm_config, device)
 
-    def plan(self, cm: CommonAttentionMetadata) -> tuple[torch.Tensor, int]:
-        """``(scheduler_metadata, num_splits)`` for a whole-batch dense call."""
+    def plan(self, cm: CommonAttentionMetadata, fast_build: bool = False) -> tuple[torch.Tensor | None, int]:
+        """``(scheduler_metadata, num_splits)`` for a whole-batch dense call. As vLLM: no
+        plan for ``fast_build`` (the speculative proposer's builds) or under
+        ``VLLM_BATCH_INVARIANT``, which also takes one split."""
+        from vllm import envs as vllm_envs
+
         num_splits = 0
         if self.full_graphs and self.max_graph_tokens is not None and cm.num_actual_tokens <= self.max_graph_tokens:
             num_splits = self.max_num_splits
+        if vllm_envs.VLLM_BATCH_INVARIANT:
+            return None, 1
+        if fast_build:
+            return None, num_splits
         md = self._plan(
             batch_size=cm.num_reqs, max_seqlen_q=cm.max_query_len, max_seqlen_k=cm.max_seq_len,
             num_heads_q=self.num_heads_q, num_heads_kv=self.num_heads_kv, headdim=self.head_dim,

@@ -9,7 +9,12 @@ summed when read, nothing is reset on the hot path and nothing there waits for t
 A daemon thread of the worker process copies the counters on a side stream every
 ``VBS_BLASST_STATS_INTERVAL`` seconds (the copy may land between two kernels' atomics:
 a snapshot, not a barrier) and logs the interval's share of skipped tiles through
-vLLM's logger, per phase, and per layer at DEBUG. :func:`blasst_stats` returns the
+vLLM's logger, per phase, and per layer at DEBUG. The stream and the pinned host
+buffers are made with the counters, on the main thread, so the thread allocates
+nothing; and it never copies while a CUDA graph is being captured (vLLM captures in
+CUDA's global mode, where another thread's CUDA calls can invalidate the capture):
+``torch.cuda.CUDAGraph.capture_begin`` / ``capture_end`` are wrapped to wait for a copy
+in progress and to hold the thread off until the capture ends. :func:`blasst_stats` returns the
 totals since start-up, synchronously (tests, ``vbs bench serve`` with the engine in
 process). Per-row int32 counters wrap after 2^32 tiles; totals are kept from wrapped
 differences of consecutive snapshots, which is exact while a (layer, row) grows by less
@@ -41,9 +46,41 @@ def stats_enabled() -> bool:
 class _Counter:
     phase: str
     device_counts: torch.Tensor  # int32 [rows, 2], added to by the kernel
+    host_counts: torch.Tensor  # pinned int32 [rows, 2], the snapshot's landing place
     layer: str = "?"  # the layer's name, set at its first forward
     last_rows: torch.Tensor | None = None  # int64 [rows, 2]: the last snapshot, as unsigned 32-bit values
     total: list[int] = field(default_factory=lambda: [0, 0])  # (skipped, eligible) since start-up
+
+
+_capture = {"lock": threading.Lock(), "active": 0, "wrapped": False}
+
+
+def _guard_graph_capture() -> None:
+    """Wrap CUDAGraph.capture_begin / capture_end so that no snapshot overlaps a capture."""
+    if _capture["wrapped"]:
+        return
+    graph_cls = torch.cuda.CUDAGraph
+    begin, end = graph_cls.capture_begin, graph_cls.capture_end
+
+    def capture_begin(self, *args, **kwargs):
+        with _capture["lock"]:  # waits for a snapshot in progress
+            _capture["active"] += 1
+        try:
+            return begin(self, *args, **kwargs)
+        except BaseException:
+            with _capture["lock"]:
+                _capture["active"] -= 1
+            raise
+
+    def capture_end(self, *args, **kwargs):
+        try:
+            return end(self, *args, **kwargs)
+        finally:
+            with _capture["lock"]:
+                _capture["active"] -= 1
+
+    graph_cls.capture_begin, graph_cls.capture_end = capture_begin, capture_end
+    _capture["wrapped"] = True
 
 
 class _Registry:
@@ -54,31 +91,36 @@ class _Registry:
         self.stream: dict[int, torch.cuda.Stream] = {}
 
     def add(self, phase: str, rows: int, device) -> _Counter:
-        counter = _Counter(phase, torch.zeros(rows, 2, dtype=torch.int32, device=device))
+        _guard_graph_capture()
+        dev = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+        counter = _Counter(phase, torch.zeros(rows, 2, dtype=torch.int32, device=dev),
+                           torch.zeros(rows, 2, dtype=torch.int32, pin_memory=True))
         with self.lock:
+            if dev.index not in self.stream:
+                self.stream[dev.index] = torch.cuda.Stream(device=dev)
             self.counters.append(counter)
             if self.thread is None and env_seconds("VBS_BLASST_STATS_INTERVAL") > 0:
                 self.thread = threading.Thread(target=self._log_forever, name="vbs-blasst-stats", daemon=True)
                 self.thread.start()
         return counter
 
-    def snapshot(self, *, wait_for_device: bool) -> dict:
-        """Fold the counters' current values into the totals; returns the interval's deltas."""
-        with self.lock:
+    def snapshot(self, *, wait_for_device: bool) -> dict | None:
+        """Fold the counters' current values into the totals; returns the interval's
+        deltas, or None while a CUDA graph is being captured (nothing read)."""
+        with self.lock, _capture["lock"]:
+            if _capture["active"]:
+                return None
             counters = list(self.counters)
             if wait_for_device:
                 for c in counters:
                     torch.cuda.synchronize(c.device_counts.device)
             deltas = {}
             for c in counters:
-                dev = c.device_counts.device
-                if dev.index not in self.stream:
-                    self.stream[dev.index] = torch.cuda.Stream(device=dev)
-                side = self.stream[dev.index]
+                side = self.stream[c.device_counts.device.index]
                 with torch.cuda.stream(side):
-                    raw = c.device_counts.to("cpu", non_blocking=True)
+                    c.host_counts.copy_(c.device_counts, non_blocking=True)
                 side.synchronize()
-                rows = raw.to(torch.int64) % _WRAP
+                rows = c.host_counts.to(torch.int64) % _WRAP
                 prev = c.last_rows if c.last_rows is not None else torch.zeros_like(rows)
                 step = ((rows - prev) % _WRAP).sum(0).tolist()
                 c.last_rows = rows
@@ -94,6 +136,8 @@ class _Registry:
                 snap = self.snapshot(wait_for_device=False)
             except Exception as e:  # noqa: BLE001 - a stats thread must never take the worker down
                 logger.warning("vllm-blackwell-sparse: reading the BLASST skip counters failed: %s", e)
+                continue
+            if snap is None:  # a CUDA graph is being captured: next time
                 continue
             for phase in PHASES:
                 mine = [c for c in snap["counters"] if c.phase == phase]
@@ -124,6 +168,8 @@ def blasst_stats() -> dict:
     """Totals since start-up in this process, after waiting for the GPU:
     ``{phase: {"skipped", "eligible", "sparsity", "layers": {name: (skipped, eligible)}}}``."""
     snap = _REGISTRY.snapshot(wait_for_device=True)
+    if snap is None:
+        raise RuntimeError("blasst_stats() was called while a CUDA graph is being captured")
     out = {}
     for phase in PHASES:
         mine = [c for c in snap["counters"] if c.phase == phase]

@@ -28,32 +28,28 @@ def positive_ints(text: str) -> tuple[int, ...]:
     return tuple(positive_int(v) for v in text.split(","))
 
 
-def factors(text: str) -> tuple[float, ...]:
-    """``A,B,...``: finite numbers > 0 (BLASST threshold scale factors)."""
+def _numbers(text: str, accept, expected: str) -> tuple[float, ...]:
+    """Comma-separated numbers, each passing ``accept``."""
     out = []
     for v in text.split(","):
         try:
             f = float(v)
         except ValueError:
             f = float("nan")
-        if not (f > 0 and f != float("inf")):
-            raise argparse.ArgumentTypeError(f"expected finite numbers > 0, comma-separated; got {v!r}")
+        if not accept(f):
+            raise argparse.ArgumentTypeError(f"expected {expected}, comma-separated; got {v!r}")
         out.append(f)
     return tuple(out)
+
+
+def factors(text: str) -> tuple[float, ...]:
+    """``A,B,...``: finite numbers > 0 (BLASST threshold scale factors)."""
+    return _numbers(text, lambda f: 0 < f < float("inf"), "finite numbers > 0")
 
 
 def fractions(text: str) -> tuple[float, ...]:
     """``A,B,...``: numbers in (0, 1] (target skipped fractions)."""
-    out = []
-    for v in text.split(","):
-        try:
-            f = float(v)
-        except ValueError:
-            f = float("nan")
-        if not 0 < f <= 1:
-            raise argparse.ArgumentTypeError(f"expected fractions in (0, 1], comma-separated; got {v!r}")
-        out.append(f)
-    return tuple(out)
+    return _numbers(text, lambda f: 0 < f <= 1, "fractions in (0, 1]")
 
 
 def words(text: str) -> list[str]:

@@ -23,7 +23,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
-from vllm_blackwell_sparse.envs import ENV_PREFIX, ENV_VARS, EnvError, parse_bool
+from vllm_blackwell_sparse.envs import ENV_PREFIX, EnvError, parse_bool
 
 CONFIG_SECTION = "blackwell_sparse"
 
@@ -103,8 +103,6 @@ def env_var(key: str) -> str:
     """The environment variable that overrides ``key``: ``VBS_<KEY upper-case>``."""
     return ENV_PREFIX + key.upper()
 
-
-assert all(env_var(k) in ENV_VARS for k in CONFIG_KEYS), "every override is registered in envs.ENV_VARS"
 
 
 def parse_config(section: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> BlackwellSparseConfig:

@@ -258,7 +258,7 @@ def _patch_indexer_module(mod) -> None:
 _keepalive: list = []
 
 
-_swap = {"thread": None}
+_swap_lock = threading.Lock()
 
 
 @contextmanager
@@ -269,26 +269,27 @@ def _decode_topk_replaced_by(layer: "GvrLayer"):
 
     The swap is process-global, so it is only correct while one thread runs indexer
     layers. That holds because GVR is switched off where vLLM runs micro-batches in
-    threads (dual-batch overlap, :func:`gvr_unsupported_config`); a second thread
-    entering anyway is refused rather than left to interleave the swaps."""
-    me = threading.get_ident()
-    if _swap["thread"] is not None:
+    threads (dual-batch overlap, :func:`gvr_unsupported_config`); a second entry while
+    one is inside (another thread, or a nested call) is refused rather than left to
+    interleave the swaps."""
+    if not _swap_lock.acquire(blocking=False):
         raise RuntimeError(
-            "vllm-blackwell-sparse: two threads ran GVR indexer layers at once (micro-batching?); "
-            "run without gvr_topk in this configuration"
+            "vllm-blackwell-sparse: a GVR indexer layer ran while another was inside vLLM's indexer "
+            "(two threads, e.g. micro-batching, or a nested call); run without gvr_topk in this configuration"
         )
     namespace = torch.ops._C
-    originals = {name: getattr(namespace, name, None) for name in VLLM_DECODE_TOPK_OPS}
-    originals = {name: op for name, op in originals.items() if op is not None}  # a build without one
-    _swap["thread"] = me
-    for name, original in originals.items():
-        setattr(namespace, name, layer.decode_topk_replacing(original))
+    originals = {}
     try:
+        for name in VLLM_DECODE_TOPK_OPS:
+            op = getattr(namespace, name, None)
+            if op is not None:  # a build without one
+                originals[name] = op
+                setattr(namespace, name, layer.decode_topk_replacing(op))
         yield
     finally:
         for name, original in originals.items():
             setattr(namespace, name, original)
-        _swap["thread"] = None
+        _swap_lock.release()
 
 
 # --------------------------------------------------------------------------------------

@@ -59,8 +59,8 @@ Q_TILE_ROWS = 8  # packed query rows per warp (MMA rows 0-7; rows 8-15 are paddi
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 MAX_NEXT_N = 8  # query tokens per request (spec decode verifies next_n - 1 drafts)
-# Resident one-warp CTAs per SM the kernel is built for (the split heuristic counts on
-# it), passed to ptxas as the occupancy hint: that allows up to 255 registers. Without
+# Resident one-warp CTAs per SM the kernel is built for (the batch-dependent split
+# heuristic counts on it), passed to ptxas as the occupancy hint: that allows up to 255 registers. Without
 # any hint ptxas capped some variants (d 128, group 8, page 64, no threshold) at 168
 # registers and spilled, and ran 25-30% slower.
 RESIDENT_WARPS_PER_SM = 8
@@ -188,6 +188,11 @@ def _kernel_module():
                 active = split < rule_split_count(kv_len, tiles_per_split)
                 t_begin = cutlass.min(split * tiles_per_split, n_tiles)
                 t_end = cutlass.min(t_begin + tiles_per_split, n_tiles)
+                if split == num_splits - 1:
+                    # A request longer than the grid was sized for (a caller's max_seq_len
+                    # too small) still gets all its keys: the grid's last split takes the
+                    # rest. Never taken when the grid covers the request.
+                    t_end = n_tiles
             else:
                 # An explicit shape (reference.split_tile_ranges): the first long_splits
                 # ranges are long_split_ratio units long, the rest one unit.
@@ -722,9 +727,12 @@ class SplitRule(NamedTuple):
         return max(1, min(self.target_splits, -(-longest_tiles // self.min_tiles)))
 
     def check(self) -> "SplitRule":
-        if not (isinstance(self.min_tiles, int) and 1 <= self.min_tiles <= 1 << 20):
+        def whole(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not (whole(self.min_tiles) and 1 <= self.min_tiles <= 1 << 20):
             raise ValueError(f"SplitRule.min_tiles must be an integer in [1, 2^20], got {self.min_tiles!r}")
-        if not (isinstance(self.target_splits, int) and 1 <= self.target_splits <= MAX_SPLITS):
+        if not (whole(self.target_splits) and 1 <= self.target_splits <= MAX_SPLITS):
             raise ValueError(f"SplitRule.target_splits must be an integer in [1, {MAX_SPLITS}], got {self.target_splits!r}")
         return self
 
@@ -733,7 +741,7 @@ class SplitRule(NamedTuple):
 # (benchmarks/results/blasst_decode_split_rule_h200.json, docs/BENCHMARKS.md): splits of
 # 16 tiles (256 keys) up to 64 splits, longer beyond 16K keys. Against the heuristic:
 # within the timing noise at 1-8 requests of 4K-7K keys on SmolLM2's shape (9/3 heads, d
-# 64), 1-5% slower at 64 requests and at 8-64 x 32K (32/8, d 128), 13% slower at 1 x 32K,
+# 64), 1-6% slower at 64 requests and at 8-64 x 32K (32/8, d 128), 13% slower at 1 x 32K,
 # where the heuristic's 128 splits fill the GPU. (32, 64) was 1.5x slower at 1-8 requests
 # on SmolLM2's shape; (16, 128) and (8, 128) trade small batches against large ones.
 DEFAULT_SPLIT_RULE = SplitRule(min_tiles=16, target_splits=64)
@@ -835,6 +843,12 @@ class _Launch(NamedTuple):
 # the decode hot path (one call per layer and step) pays only a dictionary lookup and the
 # per-call pointer checks before the two launches.
 _LAUNCHES: dict[tuple, _Launch] = {}
+MAX_CACHED_SIGNATURES = 4096
+
+
+def _meta(t: torch.Tensor | None):
+    """What of a tensor the validation depends on (its values excepted)."""
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
 
 
 def blasst_decode(
@@ -906,25 +920,22 @@ def blasst_decode(
         longest = min(longest, int(max_seq_len))
     rule = None
     if num_splits is None:
-        rule = (split_rule or DEFAULT_SPLIT_RULE).check()
+        rule = SplitRule(*split_rule).check() if split_rule is not None else DEFAULT_SPLIT_RULE
         grid_splits = rule.max_split_count(_tiles(longest))
     elif split_rule is not None:
         raise ValueError("give either split_rule or an explicit num_splits, not both")
     else:
         grid_splits = num_splits
     key = (
-        q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(), v_cache.shape, v_cache.stride(),
-        v_cache.dtype, v_cache.device, block_table.shape, block_table.stride(), block_table.dtype, block_table.device,
-        seq_lens.shape, seq_lens.dtype, seq_lens.device,
-        None if out is None else (out.shape, out.stride(), out.dtype, out.device),
-        None if workspace is None else tuple((w.shape, w.stride(), w.dtype, w.device) for w in workspace),
-        None if skip_counts is None else (skip_counts.shape, skip_counts.stride(), skip_counts.dtype, skip_counts.device),
-        None if decisions is None else (decisions.shape, decisions.stride(), decisions.dtype, decisions.device),
+        _meta(q), _meta(k_cache), _meta(v_cache), _meta(block_table), _meta(seq_lens), _meta(out),
+        None if workspace is None else (_meta(workspace[0]), _meta(workspace[1])), _meta(skip_counts), _meta(decisions),
         threshold_scale_factor is None, next_n, rule, grid_splits, long_splits, long_split_ratio, min_warps_per_sm,
         k_stages,
     )
     launch = _LAUNCHES.get(key)
     if launch is None:
+        if len(_LAUNCHES) >= MAX_CACHED_SIGNATURES:  # eager batches of many shapes: start over, never grow unbounded
+            _LAUNCHES.clear()
         launch = _validate(q, k_cache, v_cache, block_table, seq_lens, threshold_scale_factor, next_n, rule,
                            grid_splits, long_splits, long_split_ratio, out, workspace, skip_counts, decisions,
                            min_warps_per_sm, k_stages)

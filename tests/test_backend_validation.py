@@ -331,3 +331,13 @@ def test_blasst_on_blackwell_needs_the_explicit_opt_in(monkeypatch):
     monkeypatch.delenv("VBS_DECODE_THRESHOLD_SCALE_FACTOR")
     monkeypatch.delenv("VBS_ENABLE_UNVERIFIED_SM100")
     assert not reasons(device_capability=B200)  # dense FA4 needs no opt-in
+
+
+def test_the_builder_says_why_decode_rows_run_dense(monkeypatch):
+    b = make_spec_builder(2, monkeypatch, factor=20)
+    assert b.build(0, common_metadata([1, 3], [100, 200])).dense_decode_reason == (
+        "decode requests with different query lengths in one batch")
+    assert b.build(0, common_metadata([3, 3], [100, 200])).dense_decode_reason is None
+    monkeypatch.delenv("VBS_DECODE_THRESHOLD_SCALE_FACTOR")
+    b = make_spec_builder(2, monkeypatch)
+    assert b.build(0, common_metadata([1, 3], [100, 200])).dense_decode_reason is None  # factor unset: nothing to explain

@@ -180,8 +180,10 @@ class BlackwellSparseMetadata:
     # Query tokens of every decode request when they are all equal (the BLASST decode
     # kernel's uniform ``next_n``), else 0.
     decode_query_len: int = 0
-    # Whether the decode rows run the BLASST kernel (else the whole batch is dense).
+    # Whether the decode rows run the BLASST kernel (else the whole batch is dense), and
+    # when the factor is set but they do not, why.
     blasst_decode: bool = False
+    dense_decode_reason: str | None = None
     # FA3's ahead-of-time schedule for a whole-batch dense call (vLLM's FLASH_ATTN
     # recipe, see Fa3Schedule), and the split cap it was planned with (0: FA3 decides).
     scheduler_metadata: torch.Tensor | None = None
@@ -223,7 +225,12 @@ class BlackwellSparseMetadataBuilder(AttentionMetadataBuilder[BlackwellSparseMet
             real = int((lens > 0).sum())
             if real and bool((lens[:real] == lens[0]).all()) and (real == num_decodes or not num_prefills):
                 decode_query_len = int(lens[0])
-        blasst = self._blasst_factor_set and num_decodes > 0 and 0 < decode_query_len <= BLASST_DECODE_MAX_QUERY_LEN
+        reason = None
+        if decode_query_len == 0:
+            reason = "decode requests with different query lengths in one batch"
+        elif decode_query_len > BLASST_DECODE_MAX_QUERY_LEN:
+            reason = f"{decode_query_len} query tokens per decode request (at most {BLASST_DECODE_MAX_QUERY_LEN})"
+        blasst = self._blasst_factor_set and num_decodes > 0 and reason is None
         scheduler_metadata, max_num_splits = None, 0
         if self._fa3_schedule is not None and not blasst:
             scheduler_metadata, max_num_splits = self._fa3_schedule.plan(cm, fast_build)
@@ -241,6 +248,7 @@ class BlackwellSparseMetadataBuilder(AttentionMetadataBuilder[BlackwellSparseMet
             num_prefill_tokens=num_prefill_tokens,
             decode_query_len=decode_query_len,
             blasst_decode=blasst,
+            dense_decode_reason=reason if self._blasst_factor_set and num_decodes else None,
             scheduler_metadata=scheduler_metadata,
             max_num_splits=max_num_splits,
         )
@@ -386,16 +394,12 @@ class BlackwellSparseImpl(AttentionImpl[BlackwellSparseMetadata]):
         """Whether this batch's decode rows can run the BLASST kernel; if not, the whole
         batch runs dense attention and a one-time warning says why."""
         why = None
-        if m.decode_query_len == 0:
-            why = "decode requests with different query lengths in one batch"
+        if not m.blasst_decode:  # the builder decided from the query lengths
+            why = m.dense_decode_reason or "the metadata was built without the decode factor"
         elif m.num_decodes * m.decode_query_len > query_rows:
             why = "fewer query rows than padded decode requests"
-        elif m.decode_query_len > BLASST_DECODE_MAX_QUERY_LEN:
-            why = f"{m.decode_query_len} query tokens per decode request (at most {BLASST_DECODE_MAX_QUERY_LEN})"
         elif self.head_size not in BLASST_DECODE_HEAD_SIZES or dtype not in BLASST_DECODE_DTYPES:
             why = f"head_size {self.head_size} / dtype {dtype}"
-        elif not m.blasst_decode:
-            why = "the metadata was built without the decode factor"
         if why:
             warn_once(logger, f"BLASST decode falls back to dense attention for some batches: {why}")
             return False

@@ -13,15 +13,6 @@ ENTRY_POINT_GROUP = "vllm.general_plugins"
 ENTRY_POINT_NAME = "blackwell_sparse"
 
 
-def _close_match(name: str) -> str:
-    import difflib
-
-    from vllm_blackwell_sparse.envs import ENV_VARS
-
-    match = difflib.get_close_matches(name, ENV_VARS, n=1, cutoff=0.6)
-    return f" (did you mean {match[0]}?)" if match else ""
-
-
 def _version(dist: str) -> str:
     try:
         return metadata.version(dist)
@@ -170,10 +161,10 @@ def run_doctor() -> int:
     except Exception as e:  # noqa: BLE001
         ok = False
         print(f"  config (VBS_*)   INVALID: {e}")
-    from vllm_blackwell_sparse.envs import unknown_vbs_variables
+    from vllm_blackwell_sparse.envs import did_you_mean, unknown_vbs_variables
 
     for name in unknown_vbs_variables():
-        print(f"  environment      {name} is set but means nothing to vllm-blackwell-sparse{_close_match(name)}")
+        print(f"  environment      {name} is set but means nothing to vllm-blackwell-sparse{did_you_mean(name)}")
     print("  kernels")
     for name, state in kernel_availability(gpu).items():
         print(f"    {name:52s} {state}")

@@ -108,3 +108,11 @@ def unknown_vbs_variables(environ=None) -> list[str]:
     """``VBS_*`` variables that are set but registered nowhere (likely typos)."""
     environ = os.environ if environ is None else environ
     return sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in ENV_VARS)
+
+
+def did_you_mean(name: str) -> str:
+    """`` (did you mean VBS_X?)`` for the registered variable closest to ``name``, or ``""``."""
+    import difflib
+
+    match = difflib.get_close_matches(name, ENV_VARS, n=1, cutoff=0.6)
+    return f" (did you mean {match[0]}?)" if match else ""

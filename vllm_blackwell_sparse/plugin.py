@@ -10,8 +10,6 @@ error and registers nothing, so vLLM still starts for users who do not select it
 
 from __future__ import annotations
 
-import difflib
-
 from vllm_blackwell_sparse.util import get_logger
 
 BACKEND_CLASS_PATH = "vllm_blackwell_sparse.backend.BlackwellSparseBackend"
@@ -77,7 +75,7 @@ def _report_environment_config() -> None:
     selected, where a problem refuses start-up with vLLM's reason line."""
     from vllm_blackwell_sparse.config import ConfigError, parse_config, unavailable_feature_reasons
 
-    from vllm_blackwell_sparse.envs import ENV_VARS, unknown_vbs_variables
+    from vllm_blackwell_sparse.envs import did_you_mean, unknown_vbs_variables
 
     try:
         problems = unavailable_feature_reasons(parse_config({}))
@@ -87,6 +85,5 @@ def _report_environment_config() -> None:
         logger.error("vllm-blackwell-sparse: %s. The CUSTOM backend stays registered; selecting it refuses start-up "
                      "with this reason, other backends start normally.", problem)
     for name in unknown_vbs_variables():
-        match = difflib.get_close_matches(name, ENV_VARS, n=1, cutoff=0.6)
         logger.warning("vllm-blackwell-sparse: %s is set but is not one of our variables, so it does nothing%s",
-                       name, f" (did you mean {match[0]}?)" if match else "")
+                       name, did_you_mean(name))

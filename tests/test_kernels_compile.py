@@ -63,10 +63,11 @@ for head_dim, group, next_n, block_size, dtype in (
     (128, 4, 1, 16, torch.bfloat16), (128, 8, 1, 64, torch.bfloat16), (64, 4, 2, 16, torch.float16),
     (128, 8, 3, 128, torch.float16),
 ):
-    for has_threshold, count, final in ((False, False, False), (True, True, False), (True, False, True)):
+    for has_threshold, count, final, per_request in ((False, False, False, False), (True, True, False, False),
+                                                     (True, False, True, False), (True, True, False, True)):
         compile_blasst_decode(head_dim=head_dim, group=group, next_n=next_n, block_size=block_size, dtype=dtype,
                               has_threshold=has_threshold, count_skips=count, final_output=final,
-                              record_decisions=count)
+                              record_decisions=count, factor_per_request=per_request)
     compile_blasst_combine(head_dim=head_dim, dtype=dtype)
 compile_blasst_combine(head_dim=64, dtype=torch.bfloat16, use_pdl=False)
 for k_stages in (1, 8):  # the K ring's extremes

@@ -320,8 +320,15 @@ class BlackwellSparseImpl(AttentionImpl[BlackwellSparseMetadata]):
         # CUDA graphs) so that captured launches add into a fixed address.
         self.skip_counter = None
         self.largest_decode_workspace = None  # (splits, tokens) of the largest decode call, for memory profiling
+        # Each decode row's factor, read by the kernel at run time (decode_factors.py).
+        self.decode_factors = None
         if cfg.decode_threshold_scale_factor is not None:
             from vllm_blackwell_sparse import blasst_stats
+            from vllm_blackwell_sparse.decode_factors import decode_factor_buffer
+
+            if torch.cuda.is_available():  # (unit tests build impls on machines without a GPU)
+                self.decode_factors = decode_factor_buffer(torch.cuda.current_device(), _max_decode_requests(),
+                                                           cfg.decode_threshold_scale_factor)
 
             if blasst_stats.stats_enabled():
                 self.skip_counter = blasst_stats.new_counter("decode", _max_decode_requests(), torch.cuda.current_device())
@@ -431,7 +438,8 @@ class BlackwellSparseImpl(AttentionImpl[BlackwellSparseMetadata]):
             m.block_table[:b],
             m.seq_lens[:b],
             softmax_scale=self.scale,
-            threshold_scale_factor=self.config.decode_threshold_scale_factor,
+            threshold_scale_factor=(self.decode_factors[:b] if self.decode_factors is not None
+                                    and b <= self.decode_factors.numel() else self.config.decode_threshold_scale_factor),
             next_n=m.decode_query_len,
             max_seq_len=m.max_seq_len,
             out=output[:nd],
@@ -527,10 +535,6 @@ def dense_paged_attention(
     )
 
 
-# Without a vLLM config (an impl built outside vLLM), the decode batches counters cover.
-DEFAULT_MAX_DECODE_REQUESTS = 1024
-
-
 def _current_vllm_config():
     from vllm.config import get_current_vllm_config_or_none
 
@@ -538,12 +542,9 @@ def _current_vllm_config():
 
 
 def _max_decode_requests() -> int:
-    """The most decode requests one batch can hold: vLLM's max_num_seqs, or a CUDA-graph
-    capture size above it (padded batches)."""
-    cfg = _current_vllm_config()
-    if cfg is None:
-        return DEFAULT_MAX_DECODE_REQUESTS
-    return max(cfg.scheduler_config.max_num_seqs, cfg.compilation_config.max_cudagraph_capture_size or 0)
+    from vllm_blackwell_sparse.decode_factors import max_decode_requests
+
+    return max_decode_requests(_current_vllm_config())
 
 
 def _largest_decode_workspace() -> tuple[int, int] | None:

@@ -1,4 +1,5 @@
-"""The ``vbs`` command: ``vbs doctor``, ``vbs demo``, ``vbs model prepare``, ``vbs bench topk|dsa|decode|serve``.
+"""The ``vbs`` command: ``vbs doctor``, ``vbs demo``, ``vbs model prepare``, ``vbs eval``, ``vbs calibrate``,
+``vbs bench topk|dsa|decode|serve``.
 
 Every option shows its default in ``--help``; numbers and lists are checked here, so a
 typo fails at once with a message naming the option and what it accepts.
@@ -193,6 +194,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
                             "cold compile per configuration)")
     serve.add_argument("--only", type=words, default=None,
                        help="run only configurations whose name contains one of these, comma-separated")
+    serve.add_argument("--stats-overhead", action="store_true",
+                       help="also the largest factor without VBS_BLASST_STATS (what the counters cost)")
     serve.add_argument("--server", action="store_true", help="through the OpenAI server on 127.0.0.1")
     serve.add_argument("--append", action="store_true", help="add to the engines already in --out")
     serve.add_argument("--engine-timeout", type=positive_int, default=900, help="seconds per configuration")
@@ -212,6 +215,38 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
                      help="split ranges: the request-only rule the backend runs, or the batch-dependent heuristic it "
                           "replaced (a baseline)")
     dec.add_argument("--out", default="benchmarks/results/blasst_decode.json", help="result JSON (a .md table beside it)")
+
+    ev = add(sub, (), "eval", "accuracy of BLASST decode on a real model: decode-path log-likelihood (teacher forced), "
+                              "passkey retrieval and greedy agreement, vs nothing skipped and vs FA3, with the skipped "
+                              "fraction of each cell")
+    ev.add_argument("--model", default=None,
+                    help="checkpoint folder, or a name `vbs model prepare` wrote (unset: smollm2-135m-instruct)")
+    ev.add_argument("--factors", type=factors, default=(4.0, 32.0, 256.0, 2048.0),
+                    help="decode threshold scale factors, beside nothing skipped (one engine sweeps them in place)")
+    ev.add_argument("--lengths", type=positive_ints, default=(2048, 4096, 8000), help="context lengths in tokens")
+    ev.add_argument("--sequences", type=positive_int, default=24, help="text windows per length (log-likelihood, agreement)")
+    ev.add_argument("--trials", type=positive_int, default=100, help="passkey trials per length (over 5 depths)")
+    ev.add_argument("--no-fa3", action="store_true", help="skip the stock FLASH_ATTN (FA3) reference engine")
+    ev.add_argument("--engine-timeout", type=positive_int, default=900, help="seconds per engine")
+    ev.add_argument("--out", default="benchmarks/results/eval.json", help="result JSON (a .md table and a PNG beside it)")
+
+    cal = add(sub, (), "calibrate", "the decode_threshold_scale_factor for a target skipped fraction, counted by the "
+                                    "kernel itself on real text through the engine, checked on held-back text")
+    cal.add_argument("--target-sparsity", default="0.2,0.3",
+                     help="target skipped fractions of decode tiles, in (0, 1), comma-separated")
+    cal.add_argument("--phase", choices=("decode", "prefill"), default="decode",
+                     help="which phase's factor (prefill: not available until BLASST prefill lands)")
+    cal.add_argument("--model", default=None,
+                     help="checkpoint folder, or a name `vbs model prepare` wrote (unset: smollm2-135m-instruct)")
+    cal.add_argument("--factors", type=factors, default=(1.0, 4.0, 16.0, 64.0, 256.0, 1024.0),
+                     help="the factor grid to measure (swept in place in one engine)")
+    cal.add_argument("--lengths", type=positive_ints, default=(2048, 4096, 8000),
+                     help="context lengths of the calibration text, in tokens")
+    cal.add_argument("--sequences", type=positive_int, default=16, help="text windows per length")
+    cal.add_argument("--decode-tokens", type=positive_int, default=64, help="decode steps per window")
+    cal.add_argument("--engine-timeout", type=positive_int, default=900, help="seconds for the engine")
+    cal.add_argument("--out", default="benchmarks/results/calibrate.json",
+                     help="result JSON (a .md table and a PNG beside it)")
     return parser, parsers
 
 
@@ -252,6 +287,14 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(path)
         return 0
+    if args.command == "eval":
+        from vllm_blackwell_sparse.evaluate.run import main_eval
+
+        return main_eval(args)
+    if args.command == "calibrate":
+        from vllm_blackwell_sparse.evaluate.run import main_calibrate
+
+        return main_calibrate(args)
     if args.bench == "serve":
         from vllm_blackwell_sparse.bench import serve as bench_serve
 

@@ -50,6 +50,8 @@ ENV_VARS: dict[str, EnvVar] = {v.name: v for v in (
            "run our BLASST decode and GVR kernels on sm_100 (Blackwell), where they are compile-checked only and "
            "have never run; without it Blackwell gets vLLM's own kernels"),
     EnvVar("VBS_TEST_ARTIFACTS", "path", "unset", "GPU tests write their JSON artifacts and logs here"),
+    EnvVar("VBS_REAL_MODEL", "path", "unset",
+           "GPU tests that need the real model take its checkpoint from here (else /tmp/smollm2 or the cache)"),
     EnvVar("VBS_COMMIT", "text", "unset",
            "the commit benchmark results are labelled with where the tree has no `.git` (the device host)"),
 )}

@@ -9,6 +9,11 @@
 #   split-rule  request-only split rules vs the batch-dependent heuristic (benchmarks/decode_split_rule.py)
 #   serve ARGS  vbs bench serve on /tmp/smollm2 (ARGS go to it, e.g. --only stock,dense)
 #   peers       FA3, ours and ModelOpt's Triton kernel on one cache + host time per call (benchmarks/decode_peers.py)
+#   overhead    where the host time of one blasst_decode call goes (benchmarks/decode_call_overhead.py)
+#   findings070 issue 27's findings replayed on 0.7.0's kernel (.baseline/, carried; tests/gpu/findings_on_070.py)
+#   real-llm    per-request factors in LLM() and graph-vs-eager same answer, on /tmp/smollm2
+#   real-server per-request factors through the OpenAI server, on /tmp/smollm2
+#   eval ARGS | calibrate ARGS   vbs eval / vbs calibrate on /tmp/smollm2
 #   all         kernels llm server demo dsa dsa-eager
 # Logs and JSON artifacts go to $OUT (or ./gpu-artifacts).
 set -uo pipefail
@@ -68,5 +73,26 @@ if [[ $stage == peers ]]; then
   run python3 benchmarks/decode_peers.py --out "$ART/peers.json" \
     --modelopt-wheel .whl/modelopt/nvidia_modelopt-0.47.0-py3-none-any.whl \
     --baseline-module .baseline/blasst_decode_a8192f3.py "$@" || rc=1
+fi
+if [[ $stage == overhead ]]; then
+  run python3 benchmarks/decode_call_overhead.py --out "$ART/call_overhead.json" || rc=1
+fi
+if [[ $stage == findings070 ]]; then
+  run python3 tests/gpu/findings_on_070.py --module .baseline/blasst_decode_a8192f3.py --out "$ART/findings_070.json" || rc=1
+fi
+if [[ $stage == real-llm ]]; then
+  export VBS_REAL_MODEL=/tmp/smollm2
+  run python3 -m pytest -q -rs -s -p no:warnings tests/gpu/test_llm_request_factors.py --junitxml="$ART/junit-rf.xml" || rc=1
+  run python3 -m pytest -q -rs -s -p no:warnings tests/gpu/test_llm_same_answer.py --junitxml="$ART/junit-same.xml" || rc=1
+fi
+if [[ $stage == real-server ]]; then
+  export VBS_REAL_MODEL=/tmp/smollm2
+  run python3 -m pytest -q -rs -s -p no:warnings tests/gpu/test_server_request_factors.py --junitxml="$ART/junit-srv-rf.xml" || rc=1
+fi
+if [[ $stage == eval ]]; then
+  run python3 -m vllm_blackwell_sparse.cli eval --model /tmp/smollm2 --out "$ART/eval.json" "$@" || rc=1
+fi
+if [[ $stage == calibrate ]]; then
+  run python3 -m vllm_blackwell_sparse.cli calibrate --model /tmp/smollm2 --out "$ART/calibrate.json" "$@" || rc=1
 fi
 exit $rc

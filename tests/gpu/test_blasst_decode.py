@@ -405,3 +405,74 @@ def test_check_values_catches_what_the_metadata_cannot_show():
     with pytest.raises(ValueError, match=r"block_table\[0\] holds block ids outside"):
         bd.blasst_decode(q, kc, vc, bad_ids, lens, softmax_scale=0.1, check_values=True)
     bd.blasst_decode(q, kc, vc, table, lens, softmax_scale=0.1, check_values=True)
+
+
+def test_per_request_factors_equal_each_request_alone_and_the_oracle():
+    """A float32 tensor of factors (one per request, inf = no skipping): every request gets
+    the output bits and skip counts of a scalar call on it alone, and the oracle's decisions."""
+    hq, hkv, d, bs = 9, 3, 64, 128
+    lens_list = [4000, 2500, 7000, 1200]
+    factors = [2.0, math.inf, 64.0, 6.0]
+    case = wl.peaked_attention_case(lens_list, [1] * 4, hq, hkv, d, bs, device=DEV,
+                                    params=wl.PeakedAttentionParams(seed=random.randrange(1 << 30)))
+    q, kc, vc, table, lens = (case[n] for n in ("q", "k_cache", "v_cache", "block_table", "seq_lens"))
+    counts = torch.zeros(4, 2, dtype=torch.int32, device=DEV)
+    factor_t = torch.tensor(factors, dtype=torch.float32, device=DEV)
+    out = bd.blasst_decode(q, kc, vc, table, lens, softmax_scale=d ** -0.5, threshold_scale_factor=factor_t,
+                           skip_counts=counts)
+    for i, f in enumerate(factors):
+        alone_counts = torch.zeros(1, 2, dtype=torch.int32, device=DEV)
+        alone = bd.blasst_decode(q[i:i + 1], kc, vc, table[i:i + 1], lens[i:i + 1], softmax_scale=d ** -0.5,
+                                 threshold_scale_factor=f if f != math.inf else 1e30, skip_counts=alone_counts)
+        assert torch.equal(out[i:i + 1], alone), f"request {i} (factor {f})"
+        assert torch.equal(counts[i:i + 1], alone_counts), (i, counts[i].tolist(), alone_counts.tolist())
+    assert int(counts[1, 0]) == 0 and int(counts[0, 0]) > 0 and int(counts[2, 0]) > 0
+    ref = blasst_attention_reference(*[case[n] for n in wl.CASE_TENSORS], threshold_scale_factor=factors,
+                                     kv_tile_size=bd.KV_TILE, q_tile_rows=bd.Q_TILE_ROWS, visit_order="ascending",
+                                     split_rule=tuple(bd.DEFAULT_SPLIT_RULE))
+    assert abs(int(counts[:, 0].sum()) - ref.skipped_tiles) <= ref.num_ambiguous()
+    assert int(counts[:, 1].sum()) == ref.eligible_tiles
+
+
+def test_a_captured_graph_follows_the_factor_tensor():
+    """Capture with one set of factors, write others into the tensor, replay: the replay
+    equals an eager call with the new factors (the factor is read at run time)."""
+    hq, hkv, d, bs = 9, 3, 64, 128
+    case = wl.peaked_attention_case([3000, 5000], [1, 1], hq, hkv, d, bs, device=DEV,
+                                    params=wl.PeakedAttentionParams(seed=random.randrange(1 << 30)))
+    q, kc, vc, table, lens = (case[n] for n in ("q", "k_cache", "v_cache", "block_table", "seq_lens"))
+    factor_t = torch.tensor([math.inf, math.inf], dtype=torch.float32, device=DEV)
+    out = torch.empty_like(q)
+    ws = bd.decode_workspace(bd.DEFAULT_SPLIT_RULE.max_split_count(8192 // bd.KV_TILE), 2, hq, d, DEV)
+    counts = torch.zeros(2, 2, dtype=torch.int32, device=DEV)
+
+    def call():
+        bd.blasst_decode(q, kc, vc, table, lens, softmax_scale=d ** -0.5, threshold_scale_factor=factor_t,
+                         max_seq_len=8192, out=out, workspace=ws, skip_counts=counts)
+
+    call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    for new in ([8.0, 32.0], [math.inf, 4.0]):
+        factor_t.copy_(torch.tensor(new, device=DEV))
+        counts.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        eager_counts = torch.zeros(2, 2, dtype=torch.int32, device=DEV)
+        eager = bd.blasst_decode(q, kc, vc, table, lens, softmax_scale=d ** -0.5,
+                                 threshold_scale_factor=torch.tensor(new, dtype=torch.float32, device=DEV),
+                                 skip_counts=eager_counts)
+        assert torch.equal(out, eager) and torch.equal(counts, eager_counts), new
+        assert int(counts[:, 0].sum()) > 0
+
+
+def test_a_bad_factor_tensor_is_refused():
+    case = wl.peaked_attention_case([300, 400], [1, 1], 32, 8, 128, 16, device=DEV)
+    args = [case[n] for n in ("q", "k_cache", "v_cache", "block_table", "seq_lens")]
+    for bad, fragment in ((torch.ones(3, device=DEV), r"float32 \[B=2\]"),
+                          (torch.ones(2, dtype=torch.float64, device=DEV), "float32"),
+                          (torch.ones(2), "threshold_scale_factor is on cpu")):
+        with pytest.raises(ValueError, match=fragment):
+            bd.blasst_decode(*args, softmax_scale=0.1, threshold_scale_factor=bad)

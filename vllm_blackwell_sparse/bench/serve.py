@@ -69,10 +69,12 @@ class EngineSpec:
     block_size: int = 128
     gpu_memory_utilization: float = 0.2
     max_num_batched_tokens: int = 16384
+    stats: bool = True  # VBS_BLASST_STATS with a factor (False: the stats-overhead twin)
     extra: dict = field(default_factory=dict)
 
 
-def engine_specs(model: str, cells, factors, max_tokens: int, eager_cell=None, compile=False) -> list[EngineSpec]:
+def engine_specs(model: str, cells, factors, max_tokens: int, eager_cell=None, compile=False,
+                 stats_overhead=False) -> list[EngineSpec]:
     common = dict(model=model, max_tokens=max_tokens, compile=compile)
     specs = [EngineSpec("stock FLASH_ATTN", "FLASH_ATTN", None, cells=list(cells), **common),
              EngineSpec("CUSTOM dense", "CUSTOM", None, cells=list(cells), **common),
@@ -83,6 +85,10 @@ def engine_specs(model: str, cells, factors, max_tokens: int, eager_cell=None, c
         for s in specs[:2] + largest:
             specs.append(EngineSpec(s.name + " (eager)", s.backend, s.factor, cells=[list(eager_cell)],
                                     enforce_eager=True, **common))
+    if stats_overhead and factors:  # the largest factor again without VBS_BLASST_STATS
+        f = max(factors)
+        specs.append(EngineSpec(f"CUSTOM BLASST f{f:g} (no stats)", "CUSTOM", f, cells=list(cells), stats=False,
+                                **common))
     return specs
 
 
@@ -150,7 +156,7 @@ def run_engine(spec: EngineSpec, log=print) -> dict:
     for b, n in spec.cells:
         lengths += [32] * 4 + [n] * b  # a short warm-up per cell, then the cell's prompts
     slices = iter(corpus_token_slices(tok, lengths))
-    stats_on = spec.factor is not None
+    stats_on = spec.factor is not None and spec.stats
     if stats_on:
         from vllm_blackwell_sparse.blasst_stats import blasst_stats
     result = {"spec": asdict(spec), "startup_s": startup_s, "model_shape": shape, "cells": []}
@@ -310,10 +316,12 @@ def engine_env(spec: EngineSpec) -> dict:
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_ALLOW_INSECURE_SERIALIZATION="1",
                PYTHONUNBUFFERED="1")
     env.pop("VBS_DECODE_THRESHOLD_SCALE_FACTOR", None)
+    env.pop("VBS_BLASST_STATS", None)
     if spec.factor is not None:
         env["VBS_DECODE_THRESHOLD_SCALE_FACTOR"] = repr(spec.factor)
-        env["VBS_BLASST_STATS"] = "1"
-        env["VBS_BLASST_STATS_INTERVAL"] = "5"
+        if spec.stats:
+            env["VBS_BLASST_STATS"] = "1"
+            env["VBS_BLASST_STATS_INTERVAL"] = "5"
     return env
 
 
@@ -368,6 +376,12 @@ def summarize(result: dict) -> dict:
             for ref in ("stock FLASH_ATTN", "CUSTOM dense", "CUSTOM BLASST control"):
                 rc = cell_of(ref + eager, b, n)
                 row[f"speedup_vs_{ref.split()[-1].lower()}"] = rc["tpot_ms"] / c["tpot_ms"] if rc else None
+            if e["spec"]["name"].endswith(" (no stats)"):  # what VBS_BLASST_STATS costs, same factor
+                counted = cell_of(e["spec"]["name"][:-len(" (no stats)")], b, n)
+                if counted:
+                    row["stats_overhead"] = counted["tpot_ms"] / c["tpot_ms"] - 1
+                    row["stats_overhead_median_step"] = (counted["median_decode_step_ms"] / c["median_decode_step_ms"]
+                                                         - 1)
             rows.append(row)
     return {"rows": rows}
 
@@ -391,6 +405,11 @@ def markdown(result: dict) -> str:
                      f"{f(r['speedup_vs_control'], '.2f', '×')} | {skipped} | {f(r['byte_bound'], '.2f', '×')} | "
                      f"{f(r['kv_gb_per_step'], '.2f')} | {f(r['kv_tb_s'], '.2f')} / {f(r.get('attention_tb_s'), '.2f')} | "
                      f"{att} | {f(r['ttft_median_ms'], '.0f')} |")
+    overhead = [r for r in rows if r.get("stats_overhead") is not None]
+    if overhead:
+        lines += ["", "VBS_BLASST_STATS cost (TPOT with counters / without, same factor, same host): " + ", ".join(
+            f"{r['batch']} × {r['prompt_tokens']}: {r['stats_overhead']:+.1%} (median step "
+            f"{r['stats_overhead_median_step']:+.1%})" for r in overhead) + "."]
     return "\n".join(lines)
 
 
@@ -408,7 +427,8 @@ def main(args) -> int:
 
         return serve_server.main(args, model)
     cells = args.cells or DEFAULT_CELLS
-    specs = engine_specs(model, cells, args.factors, args.max_tokens, eager_cell=args.eager_cell, compile=args.compile)
+    specs = engine_specs(model, cells, args.factors, args.max_tokens, eager_cell=args.eager_cell, compile=args.compile,
+                         stats_overhead=args.stats_overhead)
     if args.only:
         specs = [s for s in specs if any(o in s.name for o in args.only)]
     out = Path(args.out)

@@ -39,8 +39,10 @@ V byte.
 
 The skip rule is evaluated in the log2 domain: scores are ``q.k * softmax_scale *
 log2(e)``; the threshold ``log2(factor) - log2(seq_len)`` is computed per request in the
-kernel, and skipping is off for a request whose threshold is ``>= 0`` (λ >= 1). Rows
-past the packed rows (padding of the 16-row MMA tile) do not vote.
+kernel, and skipping is off for a request whose threshold is ``>= 0`` (λ >= 1). The
+factor is one scalar per launch, or one per request read from a float32 device tensor
+(a CUDA graph then replays whatever the tensor holds: changing a factor compiles and
+captures nothing). Rows past the packed rows (padding of the 16-row MMA tile) do not vote.
 
 Outputs: with one split the normalised output is written in the query dtype; with more,
 fp32 partial outputs and log2-domain LSEs per split, merged by the combine kernel.
@@ -107,12 +109,13 @@ def _kernel_module():
         """One warp per (KV head x 8-row tile, request, split); see the module docstring.
 
         Compile-time: head dim, GQA group size, query tokens per request, page size,
-        dtype, whether a threshold is compiled in, whether skip counters are written,
+        dtype, whether a threshold is compiled in (and read per request from a tensor),
+        whether skip counters are written,
         and whether the output is final (one split) or partial.
         """
 
         def __init__(self, head_dim, group, next_n, block_size, dtype, has_threshold, count_skips, record_decisions,
-                     final_output, min_warps_per_sm, k_stages):
+                     final_output, min_warps_per_sm, k_stages, factor_per_request=False):
             self.d = head_dim
             self.group = group
             self.next_n = next_n
@@ -121,6 +124,7 @@ def _kernel_module():
             self.block_size = block_size
             self.dtype = dtype
             self.has_threshold = has_threshold
+            self.factor_per_request = factor_per_request
             self.count_skips = count_skips
             self.record_decisions = record_decisions
             self.min_warps_per_sm = min_warps_per_sm
@@ -143,12 +147,12 @@ def _kernel_module():
 
         @cute.jit
         def __call__(self, mQ, mK, mV, mBlockTable, mSeqLens, mOut, mOPart, mLsePart, mCounts, mDecisions,
-                     scale_log2: Float32, log2_factor: Float32, num_splits: Int32, long_splits: Int32,
+                     mFactors, scale_log2: Float32, log2_factor: Float32, num_splits: Int32, long_splits: Int32,
                      long_split_ratio: Int32, rule_min_tiles: Int32, rule_target_splits: Int32, stream):
             # Split index slowest: CTAs are dispatched in launch order, so every request's
             # first splits run first and the last wave is made of the last splits.
             self.kernel(mQ, mK, mV, mBlockTable, mSeqLens, mOut, mOPart, mLsePart, mCounts, mDecisions,
-                        scale_log2, log2_factor, num_splits, long_splits, long_split_ratio, rule_min_tiles,
+                        mFactors, scale_log2, log2_factor, num_splits, long_splits, long_split_ratio, rule_min_tiles,
                         rule_target_splits).launch(
                 grid=[mK.shape[2] * self.q_tiles, mSeqLens.shape[0], num_splits], block=[32, 1, 1], stream=stream,
                 min_blocks_per_mp=self.min_warps_per_sm, preferred_smem_carveout=self.smem_carveout_percent(),
@@ -156,7 +160,7 @@ def _kernel_module():
 
         @cute.kernel
         def kernel(self, mQ, mK, mV, mBlockTable, mSeqLens, mOut, mOPart, mLsePart, mCounts, mDecisions,
-                   scale_log2: Float32, log2_factor: Float32, num_splits: Int32, long_splits: Int32,
+                   mFactors, scale_log2: Float32, log2_factor: Float32, num_splits: Int32, long_splits: Int32,
                    long_split_ratio: Int32, rule_min_tiles: Int32, rule_target_splits: Int32):
             lane, _, _ = cute.arch.thread_idx()
             head_tile, req, split = cute.arch.block_idx()
@@ -209,12 +213,12 @@ def _kernel_module():
             smem = cutlass.utils.SmemAllocator()
             ring = smem.allocate_tensor(self.dtype, cute.make_layout(self.ring_shape), byte_alignment=16)
             if active:
-                self.run_split(mQ, mK, mV, mBlockTable, mOut, mOPart, mLsePart, mCounts, mDecisions, ring,
+                self.run_split(mQ, mK, mV, mBlockTable, mOut, mOPart, mLsePart, mCounts, mDecisions, mFactors, ring,
                                scale_log2, log2_factor, t_begin, t_end, kv_len, req, split, head_tile, kv_head,
                                lane, lrow, quad, live, token, head, limit)
 
         @cute.jit
-        def run_split(self, mQ, mK, mV, mBlockTable, mOut, mOPart, mLsePart, mCounts, mDecisions, ring,
+        def run_split(self, mQ, mK, mV, mBlockTable, mOut, mOPart, mLsePart, mCounts, mDecisions, mFactors, ring,
                       scale_log2, log2_factor, t_begin, t_end, kv_len, req, split, head_tile, kv_head,
                       lane, lrow, quad, live, token, head, limit):
             """Tiles ``[t_begin, t_end)`` of one (request, KV head x row tile): online softmax
@@ -241,7 +245,11 @@ def _kernel_module():
             thr = Float32(0.0)
             skipping = Boolean(False)
             if const_expr(self.has_threshold):
-                thr = log2_factor - cute.math.log2(Float32(cutlass.max(kv_len, 1)), fastmath=False)
+                lf = log2_factor
+                if const_expr(self.factor_per_request):
+                    # +inf (a request with skipping off) gives thr = +inf: no skipping.
+                    lf = cute.math.log2(Float32(mFactors[req]), fastmath=False)
+                thr = lf - cute.math.log2(Float32(cutlass.max(kv_len, 1)), fastmath=False)
                 skipping = thr < Float32(0.0)
 
             state = self.State(self)
@@ -601,8 +609,10 @@ def compile_blasst_decode(
     record_decisions: bool = False,
     min_warps_per_sm: int = DEFAULT_MIN_WARPS_PER_SM,
     k_stages: int = DEFAULT_K_STAGES,
+    factor_per_request: bool = False,
 ):
-    """Compile (once per variant and target arch) the decode kernel.
+    """Compile (once per variant and target arch) the decode kernel; ``factor_per_request``:
+    the factor comes from a float32 tensor ``[B]`` instead of the scalar argument.
 
     Fake tensors with symbolic sizes and strides: one compiled kernel serves every batch,
     cache size and split count, and no GPU is needed to build it (the target is
@@ -615,14 +625,15 @@ def compile_blasst_decode(
     _check_static(head_dim, group, next_n, block_size, dtype)
     if not 1 <= k_stages <= MAX_K_STAGES:
         raise ValueError(f"k_stages must be in [1, {MAX_K_STAGES}], got {k_stages}")
+    factor_per_request = bool(factor_per_request and has_threshold)
     key = ("decode", head_dim, group, next_n, block_size, dtype, has_threshold, count_skips, record_decisions,
-           final_output, min_warps_per_sm, k_stages, target_arch())
+           final_output, min_warps_per_sm, k_stages, factor_per_request, target_arch())
     if key in _COMPILED:
         return _COMPILED[key]
     decode_cls, _ = _kernel_module()
     op = decode_cls(
         head_dim, group, next_n, block_size, _cute_dtype(dtype), has_threshold, count_skips, record_decisions, final_output,
-        min_warps_per_sm, k_stages,
+        min_warps_per_sm, k_stages, factor_per_request,
     )
     el = _cute_dtype(dtype)
 
@@ -644,9 +655,10 @@ def compile_blasst_decode(
     lse_part = make_fake_compact_tensor(cutlass.Float32, (splits, p_tokens, p_hq), stride_order=(2, 1, 0))
     counts = make_fake_compact_tensor(cutlass.Int32, (cute.sym_int(),))  # [B, 2] flattened
     decisions = make_fake_compact_tensor(cutlass.Int32, (cute.sym_int(), cute.sym_int(), cute.sym_int()), stride_order=(2, 1, 0))
+    factors = make_fake_compact_tensor(cutlass.Float32, (cute.sym_int(),))  # [B], or a 1-element stand-in
     stream = make_fake_stream(use_tvm_ffi_env_stream=True)
     compiled = cute.compile(
-        op, q, kc, vc, bt, lens, out, o_part, lse_part, counts, decisions, cutlass.Float32(1.0), cutlass.Float32(0.0),
+        op, q, kc, vc, bt, lens, out, o_part, lse_part, counts, decisions, factors, cutlass.Float32(1.0), cutlass.Float32(0.0),
         cutlass.Int32(1), cutlass.Int32(0), cutlass.Int32(1), cutlass.Int32(0), cutlass.Int32(1), stream,
         options="--enable-tvm-ffi",
     )
@@ -859,7 +871,7 @@ def blasst_decode(
     seq_lens: torch.Tensor,
     *,
     softmax_scale: float,
-    threshold_scale_factor: float | None = None,
+    threshold_scale_factor: float | torch.Tensor | None = None,
     next_n: int | None = None,
     split_rule: SplitRule | None = None,
     num_splits: int | None = None,
@@ -883,7 +895,10 @@ def blasst_decode(
             may be arbitrary multiples of 8 elements, head dim contiguous).
         block_table: int32 ``[B, max_blocks]``. seq_lens: int32 ``[B]``, the new tokens
             included; a request of length 0 yields zeros. Both on q's device.
-        threshold_scale_factor: λ = factor / seq_len per request; None = dense decode.
+        threshold_scale_factor: λ = factor / seq_len per request; None = dense decode. A
+            float32 tensor ``[B]`` on q's device gives each request its own factor (``inf``:
+            no skipping for that request; values must be > 0), read by the kernel at run
+            time, so a captured graph follows whatever the tensor holds.
         next_n: query tokens per request; every request has the same number. Without it,
             ``q.shape[0] // B`` (the caller vouches for uniform query lengths).
         split_rule: the request-only split rule (:class:`SplitRule`, default
@@ -907,8 +922,11 @@ def blasst_decode(
             block table and ``max_seq_len``, block ids in range): a device sync, for
             debugging; skipped while a CUDA graph is being captured.
     """
-    if threshold_scale_factor is not None and not (threshold_scale_factor > 0 and math.isfinite(threshold_scale_factor)):
-        raise ValueError(f"threshold_scale_factor must be a finite number > 0 or None, got {threshold_scale_factor!r}")
+    factor_tensor = isinstance(threshold_scale_factor, torch.Tensor)
+    if not factor_tensor and threshold_scale_factor is not None and not (
+            threshold_scale_factor > 0 and math.isfinite(threshold_scale_factor)):
+        raise ValueError(f"threshold_scale_factor must be a finite number > 0, a float32 tensor [B] or None, "
+                         f"got {threshold_scale_factor!r}")
     if k_cache.dim() != 4:
         raise ValueError(f"k_cache must be [num_blocks, block_size, Hkv, D], got shape {tuple(k_cache.shape)}")
     # The grid's split count, from the longest request the call may see: the block table
@@ -929,7 +947,7 @@ def blasst_decode(
     key = (
         _meta(q), _meta(k_cache), _meta(v_cache), _meta(block_table), _meta(seq_lens), _meta(out),
         None if workspace is None else (_meta(workspace[0]), _meta(workspace[1])), _meta(skip_counts), _meta(decisions),
-        threshold_scale_factor is None, next_n, rule, grid_splits, long_splits, long_split_ratio, min_warps_per_sm,
+        _meta(threshold_scale_factor) if factor_tensor else threshold_scale_factor is None, next_n, rule, grid_splits, long_splits, long_split_ratio, min_warps_per_sm,
         k_stages,
     )
     launch = _LAUNCHES.get(key)
@@ -952,12 +970,13 @@ def blasst_decode(
     elif launch.combine is not None and workspace[0].data_ptr() % 16:
         raise ValueError("the workspace's partial outputs must be 16-byte aligned")
     o_part, lse_part = workspace
-    log2_factor = math.log2(threshold_scale_factor) if threshold_scale_factor is not None else 0.0
+    log2_factor = math.log2(threshold_scale_factor) if threshold_scale_factor is not None and not factor_tensor else 0.0
     launch.decode(
         q, k_cache, v_cache, block_table, seq_lens, out, o_part, lse_part,
         # Without counting / recording the kernel never reads these: seq_lens stands in.
         skip_counts.view(-1) if launch.count else seq_lens,
         decisions if launch.record else seq_lens.view(1, 1, -1),
+        threshold_scale_factor if factor_tensor else lse_part.view(-1),  # a float32 stand-in the kernel never reads
         softmax_scale * LOG2E, log2_factor, launch.grid_splits, launch.long_splits, launch.long_split_ratio,
         launch.rule_min_tiles, launch.rule_target_splits,
     )
@@ -1033,6 +1052,11 @@ def _validate(q, k_cache, v_cache, block_table, seq_lens, threshold_scale_factor
                                     or not skip_counts.is_contiguous()):
         raise ValueError(f"skip_counts must be contiguous int32 [B={batch}, 2]")
     has_threshold = threshold_scale_factor is not None
+    per_request = isinstance(threshold_scale_factor, torch.Tensor)
+    if per_request and (threshold_scale_factor.dtype != torch.float32 or threshold_scale_factor.shape != (batch,)
+                        or not threshold_scale_factor.is_contiguous()):
+        raise ValueError(f"threshold_scale_factor as a tensor must be contiguous float32 [B={batch}], got "
+                         f"{threshold_scale_factor.dtype} {tuple(threshold_scale_factor.shape)}")
     row_tiles = -(-next_n * (hq // hkv) // Q_TILE_ROWS)
     if decisions is not None and (decisions.dtype != torch.int32 or decisions.dim() != 3 or not decisions.is_contiguous()
                                   or decisions.shape[:2] != (batch, hkv * row_tiles)):
@@ -1040,7 +1064,8 @@ def _validate(q, k_cache, v_cache, block_table, seq_lens, threshold_scale_factor
     if q.device.type != "cuda":
         raise ValueError(f"q must be on a CUDA device, got {q.device}")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("block_table", block_table), ("seq_lens", seq_lens),
-                    ("out", out), ("skip_counts", skip_counts), ("decisions", decisions)):
+                    ("out", out), ("skip_counts", skip_counts), ("decisions", decisions),
+                    ("threshold_scale_factor", threshold_scale_factor if per_request else None)):
         if t is not None and t.device != q.device:
             raise ValueError(f"{name} is on {t.device}, q on {q.device}: every tensor must be on q's device")
     count = skip_counts is not None and has_threshold
@@ -1048,7 +1073,7 @@ def _validate(q, k_cache, v_cache, block_table, seq_lens, threshold_scale_factor
     decode = compile_blasst_decode(
         head_dim=d, group=hq // hkv, next_n=next_n, block_size=block_size, dtype=q.dtype,
         has_threshold=has_threshold, count_skips=count, record_decisions=record, final_output=final,
-        min_warps_per_sm=min_warps_per_sm, k_stages=k_stages,
+        min_warps_per_sm=min_warps_per_sm, k_stages=k_stages, factor_per_request=per_request,
     )
     combine = None if final else compile_blasst_combine(head_dim=d, dtype=q.dtype)
     return _Launch(decode, combine, next_n, grid_splits, long_splits, long_split_ratio, rule_min_tiles,

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
@@ -99,6 +100,18 @@ def blasst_log_lambda(threshold_scale_factor: float | None, kv_len: int) -> floa
         )
     log_lam = math.log(threshold_scale_factor) - math.log(kv_len)
     return log_lam if log_lam < 0.0 else None
+
+
+def request_factors(threshold_scale_factor, batch: int) -> list[float | None]:
+    """One factor (or None: no skipping) per request from a scalar, a sequence or a tensor
+    (``inf`` in a sequence means no skipping, as in the kernel's per-request tensor)."""
+    if threshold_scale_factor is None or isinstance(threshold_scale_factor, (int, float)):
+        return [threshold_scale_factor] * batch
+    values = (threshold_scale_factor.tolist() if isinstance(threshold_scale_factor, torch.Tensor)
+              else list(threshold_scale_factor))
+    if len(values) != batch:
+        raise ValueError(f"threshold_scale_factor has {len(values)} values for {batch} requests")
+    return [None if v is None or v == math.inf else float(v) for v in values]
 
 
 def gather_paged_kv(cache: torch.Tensor, block_table_row: torch.Tensor, kv_len: int) -> torch.Tensor:
@@ -194,7 +207,7 @@ def blasst_attention_reference(
     softmax_scale: float | None = None,
     *,
     causal: bool = True,
-    threshold_scale_factor: float | None = None,
+    threshold_scale_factor: float | Sequence[float | None] | torch.Tensor | None = None,
     kv_tile_size: int = 128,
     q_tile_rows: int | None = None,
     num_splits: int = 1,
@@ -212,7 +225,8 @@ def blasst_attention_reference(
         cu_seqlens_q: ``[B+1]`` query offsets. seq_lens: ``[B]`` KV lengths, the
             request's new tokens included (its queries are its last tokens).
         softmax_scale: defaults to ``1/sqrt(D)``.
-        threshold_scale_factor: λ = factor / kv_len; None = dense.
+        threshold_scale_factor: λ = factor / kv_len; None = dense. A sequence (or tensor)
+            gives each request its own factor; ``None`` or ``inf`` there: no skipping.
         kv_tile_size: keys per tile. q_tile_rows: packed rows voting together
             (None: all packed rows of a request and KV head form one group).
         num_splits: split-KV ranges per row group. visit_order: order of tiles
@@ -235,10 +249,11 @@ def blasst_attention_reference(
     lambdas: list[float | None] = []
     cu = [int(x) for x in cu_seqlens_q.tolist()]
     lens = [int(x) for x in seq_lens.tolist()]
+    factors = request_factors(threshold_scale_factor, len(lens))
 
     for b, kv_len in enumerate(lens):
         q0, q_len = cu[b], cu[b + 1] - cu[b]
-        log_lam = blasst_log_lambda(threshold_scale_factor, kv_len)
+        log_lam = blasst_log_lambda(factors[b], kv_len)
         lambdas.append(None if log_lam is None else math.exp(log_lam))
         if q_len == 0:
             continue

@@ -49,7 +49,7 @@ def cell(batch, ctx, hq, hkv, d, page, factor):
             "wrapper (nothing given)": host_us_per_call(lambda: ours())}
     ours(out, ws)
     launch = next(v for k, v in bd._LAUNCHES.items() if k[0] == bd._meta(q) and k[5] == bd._meta(out)
-                  and k[6] is not None and k[11] == (factor is None))
+                  and k[6] is not None and k[9] == (factor is None))
     dec, comb = launch.decode, launch.combine
     o_part, lse_part = ws
     log2_factor = 0.0 if factor is None else float(torch.tensor(factor).log2())

@@ -94,7 +94,7 @@ class _Registry:
         _guard_graph_capture()
         dev = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
         counter = _Counter(phase, torch.zeros(rows, 2, dtype=torch.int32, device=dev),
-                           torch.zeros(rows, 2, dtype=torch.int32, pin_memory=True))
+                           torch.zeros(rows, 2, dtype=torch.int32, device="cpu", pin_memory=True))
         with self.lock:
             if dev.index not in self.stream:
                 self.stream[dev.index] = torch.cuda.Stream(device=dev)

@@ -16,7 +16,6 @@ allocates it per call).
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -53,7 +52,8 @@ def cell(batch, ctx, hq, hkv, d, page, factor):
     dec, comb = launch.decode, launch.combine
     o_part, lse_part = ws
     log2_factor = 0.0 if factor is None else float(torch.tensor(factor).log2())
-    dec_args = (q, kc, vc, table, lens, out, o_part, lse_part, lens, lens.view(1, 1, -1), scale * bd.LOG2E,
+    dec_args = (q, kc, vc, table, lens, out, o_part, lse_part, lens, lens.view(1, 1, -1), lse_part.view(-1),
+                scale * bd.LOG2E,
                 log2_factor, launch.grid_splits, launch.long_splits, launch.long_split_ratio,
                 launch.rule_min_tiles, launch.rule_target_splits)
     rows["DSL decode launch alone"] = host_us_per_call(lambda: dec(*dec_args))

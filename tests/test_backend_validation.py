@@ -170,6 +170,26 @@ def test_profiling_run_returns_zeros():
     assert got is out and bool((out == 0).all())
 
 
+def test_profiling_run_builds_the_decode_kernels_once(monkeypatch):
+    """With the decode factor set, vLLM's profiling run (no metadata) builds the variants
+    the layer will launch, so no eager step compiles in the middle of serving."""
+    import vllm_blackwell_sparse.kernels.blasst_decode as bd
+
+    monkeypatch.setenv("VBS_DECODE_THRESHOLD_SCALE_FACTOR", "64")
+    built = []
+    monkeypatch.setattr(bd, "compile_blasst_decode", lambda **kw: built.append(("decode", kw)))
+    monkeypatch.setattr(bd, "compile_blasst_combine", lambda **kw: built.append(("combine", kw)))
+    impl = BlackwellSparseImpl(**IMPL_ARGS)
+    impl.precompile_plan = (128, (1, 3))  # outside vLLM there is no config to plan from
+    out = torch.zeros(4, 8, 128, dtype=torch.bfloat16)
+    impl.forward(None, torch.randn(4, 8, 128, dtype=torch.bfloat16), None, None, torch.empty(0), None, out)
+    impl.forward(None, torch.randn(4, 8, 128, dtype=torch.bfloat16), None, None, torch.empty(0), None, out)
+    decodes = [kw for kind, kw in built if kind == "decode"]
+    assert sorted((kw["next_n"], kw["final_output"]) for kw in decodes) == [(1, False), (1, True), (3, False), (3, True)]
+    assert all(kw["block_size"] == 128 and kw["group"] == 4 and kw["has_threshold"] for kw in decodes)
+    assert [kind for kind, _ in built].count("combine") == 1
+
+
 def make_builder():
     vllm_config = SimpleNamespace(
         speculative_config=None, parallel_config=SimpleNamespace(decode_context_parallel_size=1)

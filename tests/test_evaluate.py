@@ -32,8 +32,17 @@ def test_fit_recovers_the_lambda_line_and_inverts_it():
 
 def test_fit_prefers_the_per_length_form_when_lengths_differ():
     model = fitting.fit(_points("per_length"))
-    assert model["best"] == "per_length" and model["per_length"]["rms"] < model["lambda"]["rms"]
-    assert fitting.predict(model, 64.0, 4096) == pytest.approx(0.02 + 0.04 * math.log(64))
+    assert model["linear"]["rms"] < 1e-9 and model["linear"]["rms"] < model["lambda"]["rms"]
+    assert fitting.predict(model, 64.0, 4096, "linear") == pytest.approx(0.02 + 0.04 * math.log(64))
+
+
+def test_the_power_form_is_chosen_when_the_data_follow_it():
+    pts = [{"factor": float(f), "kv_len": n, "sparsity": c * f ** 0.2} for n, c in ((2048, 0.06), (8000, 0.03))
+           for f in (2, 8, 32, 128, 512)]
+    model = fitting.fit(pts)
+    assert model["best"] == "power" and model["power"]["rms"] < 1e-9
+    f = fitting.factor_for(model, 0.1, [2048, 8000])
+    assert (0.06 * f ** 0.2 + 0.03 * f ** 0.2) / 2 == pytest.approx(0.1, abs=1e-6)
 
 
 def test_unreachable_target_and_too_few_points():
@@ -110,4 +119,5 @@ def test_calibrate_table():
            "targets": [{"target": 0.3, "factor": 12.0, "held_back": {"2048": {"sparsity": 0.31}},
                         "held_back_sparsity": 0.31}, {"target": 0.9, "factor": None}]}
     md = calibrate_markdown({"model": "/m/x", "calibration": cal})
-    assert "| 30% | 12 | 31.0% | 2048: 31.0% | yes |" in md and "| 90% | unreachable |" in md
+    assert "| 30% | 12 | 31.0% | 2048: 31.0% | 31.0% | yes |" in md and "| 90% | unreachable |" in md
+    assert "used: **" in md and "ModelOpt #1541" in md

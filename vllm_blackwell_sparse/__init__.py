@@ -4,7 +4,7 @@
 Importing the package is cheap and imports neither vLLM nor CUDA code.
 """
 
-__version__ = "0.8.0"
+__version__ = "0.9.0"
 
 
 def register() -> bool:

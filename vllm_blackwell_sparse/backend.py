@@ -322,6 +322,7 @@ class BlackwellSparseImpl(AttentionImpl[BlackwellSparseMetadata]):
         self.largest_decode_workspace = None  # (splits, tokens) of the largest decode call, for memory profiling
         # Each decode row's factor, read by the kernel at run time (decode_factors.py).
         self.decode_factors = None
+        self.precompile_plan = None  # (block_size, query lengths) of the decode kernels to build before serving
         if cfg.decode_threshold_scale_factor is not None:
             from vllm_blackwell_sparse import blasst_stats
             from vllm_blackwell_sparse.decode_factors import decode_factor_buffer
@@ -333,6 +334,7 @@ class BlackwellSparseImpl(AttentionImpl[BlackwellSparseMetadata]):
             if blasst_stats.stats_enabled():
                 self.skip_counter = blasst_stats.new_counter("decode", _max_decode_requests(), torch.cuda.current_device())
             self.largest_decode_workspace = _largest_decode_workspace()
+            self.precompile_plan = _decode_precompile_plan()
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         from vllm._custom_ops import reshape_and_cache_flash
@@ -363,6 +365,8 @@ class BlackwellSparseImpl(AttentionImpl[BlackwellSparseMetadata]):
         if attn_metadata is None:  # vLLM's memory-profiling run
             if self.largest_decode_workspace is not None and query.is_cuda:
                 self._touch_decode_workspace(query)
+            if self.precompile_plan is not None:
+                self._precompile_decode_kernels(query.dtype)
             return output.fill_(0)
         m = attn_metadata
         n = m.num_actual_tokens
@@ -396,6 +400,31 @@ class BlackwellSparseImpl(AttentionImpl[BlackwellSparseMetadata]):
         if splits > 1:
             workspace = decode_workspace(splits, tokens, self.num_heads, self.head_size, query.device)
             del workspace
+
+    def _precompile_decode_kernels(self, dtype: torch.dtype) -> None:
+        """Build the BLASST decode variants this layer will launch (one split and several,
+        each query length) now, during vLLM's profiling run: otherwise the first eager call
+        of each variant (every mixed prefill+decode batch runs attention eagerly, and
+        --enforce-eager every step) compiles it in the middle of serving, seconds long.
+        The DSL's compile cache is per process, so the first layer pays for all."""
+        plan, self.precompile_plan = self.precompile_plan, None
+        if self.head_size not in BLASST_DECODE_HEAD_SIZES or dtype not in BLASST_DECODE_DTYPES:
+            return
+        from vllm_blackwell_sparse.kernels.blasst_decode import compile_blasst_combine, compile_blasst_decode
+
+        block_size, query_lens = plan
+        try:
+            for next_n in query_lens:
+                for final in (True, False):
+                    compile_blasst_decode(
+                        head_dim=self.head_size, group=self.num_heads // self.num_kv_heads, next_n=next_n,
+                        block_size=block_size, dtype=dtype, has_threshold=True,
+                        count_skips=self.skip_counter is not None, final_output=final,
+                        factor_per_request=self.decode_factors is not None)
+            compile_blasst_combine(head_dim=self.head_size, dtype=dtype)
+        except Exception as e:  # noqa: BLE001 - a shape the kernel refuses is reported at its first call
+            warn_once(logger, f"BLASST decode kernels were not built ahead of serving ({type(e).__name__}: {e}); "
+                              "they compile at first use")
 
     def _blasst_decode_ok(self, m: BlackwellSparseMetadata, dtype: torch.dtype, query_rows: int) -> bool:
         """Whether this batch's decode rows can run the BLASST kernel; if not, the whole
@@ -558,6 +587,16 @@ def _largest_decode_workspace() -> tuple[int, int] | None:
     drafts = getattr(cfg.speculative_config, "num_speculative_tokens", None) or 0
     splits = DEFAULT_SPLIT_RULE.max_split_count(-(-cfg.model_config.max_model_len // KV_TILE))
     return splits, _max_decode_requests() * (1 + drafts)
+
+
+def _decode_precompile_plan() -> tuple[int, tuple[int, ...]] | None:
+    """(block size, decode query lengths) of this engine's BLASST decode calls; None outside vLLM."""
+    cfg = _current_vllm_config()
+    if cfg is None:
+        return None
+    drafts = getattr(cfg.speculative_config, "num_speculative_tokens", None) or 0
+    query_lens = tuple(sorted({1, 1 + drafts} & set(range(1, BLASST_DECODE_MAX_QUERY_LEN + 1))))
+    return cfg.cache_config.block_size, query_lens
 
 
 class Fa3Schedule:

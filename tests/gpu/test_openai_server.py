@@ -24,6 +24,28 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def wait_healthy(proc, base, log_path):
+    """Poll /health until the server answers (bounded; fails with the log's tail)."""
+    deadline = time.time() + STARTUP_TIMEOUT_S
+    while True:
+        assert proc.poll() is None, "server exited:\n" + log_path.read_text()[-5000:]
+        try:
+            if urllib.request.urlopen(base + "/health", timeout=5).status == 200:
+                return
+        except OSError:
+            pass
+        assert time.time() < deadline, "server not healthy in time:\n" + log_path.read_text()[-5000:]
+        time.sleep(3)
+
+
+def stop(proc):
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 def test_server_with_custom_backend_answers_completions(tmp_path):
     port = _free_port()
     log = open(tmp_path / "server.log", "w")
@@ -36,16 +58,7 @@ def test_server_with_custom_backend_answers_completions(tmp_path):
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + STARTUP_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, "server exited:\n" + (tmp_path / "server.log").read_text()[-5000:]
-            try:
-                if urllib.request.urlopen(base + "/health", timeout=5).status == 200:
-                    break
-            except OSError:
-                pass
-            assert time.time() < deadline, "server not healthy in time:\n" + (tmp_path / "server.log").read_text()[-5000:]
-            time.sleep(3)
+        wait_healthy(proc, base, tmp_path / "server.log")
         body = json.dumps(
             {"model": str(TINY_LLAMA_DIR), "prompt": "Long-context serving spends", "max_tokens": 16, "temperature": 0, "ignore_eos": True}
         ).encode()
@@ -63,9 +76,5 @@ def test_server_with_custom_backend_answers_completions(tmp_path):
             with open(os.path.join(os.environ["VBS_TEST_ARTIFACTS"], "server_reply.json"), "w") as f:
                 json.dump(reply, f, indent=1)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop(proc)
         log.close()

@@ -6,7 +6,6 @@
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import urllib.error
 import urllib.request
 
 from real_model import real_model_dir
-from test_openai_server import STARTUP_TIMEOUT_S, _free_port
+from test_openai_server import _free_port, stop, wait_healthy
 
 KEY = "vbs_decode_threshold_scale_factor"
 STATS = re.compile(r"BLASST decode: ([0-9.]+)% of (\d+) eligible tiles skipped")
@@ -48,16 +47,7 @@ def test_server_takes_a_factor_per_request(tmp_path):
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + STARTUP_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, "server exited:\n" + log_path.read_text()[-5000:]
-            try:
-                if urllib.request.urlopen(base + "/health", timeout=5).status == 200:
-                    break
-            except OSError:
-                pass
-            assert time.time() < deadline, "server not healthy in time:\n" + log_path.read_text()[-5000:]
-            time.sleep(3)
+        wait_healthy(proc, base, log_path)
         prompt = list(range(1000, 7000))  # token ids: 6,000 keys of context
         try:
             _complete(base, model, {KEY: "fast"}, prompt[:16])
@@ -77,11 +67,7 @@ def test_server_takes_a_factor_per_request(tmp_path):
         assert seen["off"] and all(pct == 0.0 for pct, _ in seen["off"]), seen
         assert seen[256] and max(pct for pct, _ in seen[256]) > 0.0, seen
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop(proc)
         log.close()
         if os.environ.get("VBS_TEST_ARTIFACTS"):
             lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if "BLASST decode:" in ln]

@@ -36,10 +36,8 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import sysconfig
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -326,27 +324,22 @@ def engine_env(spec: EngineSpec) -> dict:
 
 
 def run_engine_subprocess(spec: EngineSpec, timeout: float, log=print) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "engine.json"
-        cmd = [sys.executable, "-m", "vllm_blackwell_sparse.bench.serve", "--engine", json.dumps(asdict(spec)), str(out)]
-        proc = subprocess.Popen(cmd, env=engine_env(spec), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        tail, stats_lines = [], []
-        t0 = time.time()
-        for line in proc.stdout:
-            tail = (tail + [line])[-60:]
-            if "BLASST decode:" in line:
-                stats_lines.append(line.rstrip())
-            if line.startswith("  ") and spec.name in line:
-                log(line.rstrip())
-            if time.time() - t0 > timeout:
-                proc.kill()
-                break
-        proc.wait()
-        if proc.returncode != 0 or not out.exists():
-            return {"spec": asdict(spec), "error": f"exit {proc.returncode}", "log_tail": "".join(tail)[-5000:]}
-        result = json.loads(out.read_text())
-        result["stats_log_lines"] = stats_lines[-20:]  # VBS_BLASST_STATS, as the engine logged it
-        return result
+    from vllm_blackwell_sparse.bench.engine_process import run_json_worker
+
+    stats_lines = []
+
+    def on_line(line):
+        if "BLASST decode:" in line:
+            stats_lines.append(line)
+        if line.startswith("  ") and spec.name in line:
+            log(line)
+
+    result = run_json_worker(["vllm_blackwell_sparse.bench.serve", "--engine"], asdict(spec), engine_env(spec),
+                             timeout, on_line)
+    if "error" in result:
+        return {"spec": asdict(spec), **result}
+    result["stats_log_lines"] = stats_lines[-20:]  # VBS_BLASST_STATS, as the engine logged it
+    return result
 
 
 def summarize(result: dict) -> dict:

@@ -26,6 +26,7 @@ from decode_peers import host_us_per_call  # noqa: E402
 from vllm_blackwell_sparse import workloads  # noqa: E402
 from vllm_blackwell_sparse.bench.topk import environment  # noqa: E402
 from vllm_blackwell_sparse.kernels import blasst_decode as bd  # noqa: E402
+from vllm_blackwell_sparse.kernels.blasst_decode import launch as bd_launch  # noqa: E402
 
 
 def cell(batch, ctx, hq, hkv, d, page, factor):
@@ -47,7 +48,7 @@ def cell(batch, ctx, hq, hkv, d, page, factor):
             "wrapper (out given, workspace allocated)": host_us_per_call(lambda: ours(out, None)),
             "wrapper (nothing given)": host_us_per_call(lambda: ours())}
     ours(out, ws)
-    launch = next(v for k, v in bd._LAUNCHES.items() if k[0] == bd._meta(q) and k[5] == bd._meta(out)
+    launch = next(v for k, v in bd_launch._LAUNCHES.items() if k[0] == bd_launch._meta(q) and k[5] == bd_launch._meta(out)
                   and k[6] is not None and k[9] == (factor is None))
     dec, comb = launch.decode, launch.combine
     o_part, lse_part = ws
@@ -70,7 +71,7 @@ def cell(batch, ctx, hq, hkv, d, page, factor):
     finally:
         launch.decode, launch.combine = dec, comb
     rows["signature key (_meta of every tensor)"] = host_us_per_call(
-        lambda: tuple(bd._meta(t) for t in (q, kc, vc, table, lens, out, ws[0], ws[1], None, None)))
+        lambda: tuple(bd_launch._meta(t) for t in (q, kc, vc, table, lens, out, ws[0], ws[1], None, None)))
     rows["decode_workspace allocation"] = host_us_per_call(lambda: bd.decode_workspace(grid, q.shape[0], hq, d,
                                                                                         q.device))
     cu = w["cu_seqlens_q"]

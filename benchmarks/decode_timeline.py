@@ -1,13 +1,13 @@
 """Per-CTA timeline of the BLASST decode kernel (H200): how much of a call is the warps'
 work and how much is waiting for the slowest CTAs of the last wave.
 
-It builds an instrumented copy of ``kernels/blasst_decode.py`` in a temporary directory
-(the committed kernel is not changed): the source with timer reads inserted at four
-anchors, written through the kernel's ``decisions`` output instead of skip decisions.
-For every CTA (one warp: one split of one (request, KV head)) it records the SM, the
-global nanosecond timer at entry and exit, the SM clock at entry / once the first K tile
-has arrived / after the main loop / after the partial store, and the number of kept
-eligible tiles (a split's first tile, always kept, is not eligible and not counted). Per
+It runs the kernel's timeline variant (``blasst_decode(..., decisions=stamps,
+timeline=True)``: compiled with timer reads, written through the ``decisions`` output
+instead of skip decisions; the kernel source is not touched). For every CTA that has
+work (one warp: one split of one (request, KV head)) it records the SM, the global
+nanosecond timer when its split starts and at exit, the SM clock at the start / once the
+first K tiles have arrived / after the main loop / after the store, and the number of
+kept eligible tiles (a split's first tile, always kept, is not eligible and not counted). Per
 cell (``workloads.peaked_decode_batch``, d 128, bf16; dense and at a factor calibrated
 to ``--sparsity``) it reports:
 
@@ -29,50 +29,13 @@ import numpy as np
 import torch
 
 from decode_variants import cell_inputs
-from instrument import instrumented_copy, unwrap_globaltimer
+from instrument import unwrap_globaltimer
 from vllm_blackwell_sparse.bench.decode import calibrate_factors
 from vllm_blackwell_sparse.bench.topk import environment
 from vllm_blackwell_sparse.kernels import blasst_decode as bd
 
-STAMPS = 8  # int32 per CTA: gt_entry, smid, clk_entry, clk_first_k, clk_loop_end, clk_stored, kept, gt_exit
+STAMPS = bd.TIMELINE_STAMPS  # int32 per CTA: gt_entry, smid, clk_entry, clk_first_k, clk_loop_end, clk_stored, kept, gt_exit
 RESIDENT_SLOTS_PER_SM = bd.RESIDENT_WARPS_PER_SM
-
-# (anchor in the kernel source, text inserted after it); each anchor must occur once.
-_INSERTS = [
-    ("            head_tile, req, split = cute.arch.block_idx()\n",
-     "            tl_gt0 = cute.arch.globaltimer_lo()\n            tl_c0 = cute.arch.clock()\n"),
-    ("            m_run = Float32(NEG_INF)\n            l_run = Float32(0.0)\n",
-     "            cute.arch.cp_async_wait_group(self.k_stages - 1)\n            tl_c1 = cute.arch.clock()\n"),
-    ("            cute.arch.cp_async_wait_group(0)\n            if pending_a:\n", None),  # c2 goes before this one
-    ("                self.store_row(mOut, mOPart, mLsePart, state.o, l_sum, m_run, split, token, head, quad)\n",
-     "            if const_expr(self.record_decisions):\n"
-     "                tl_c3 = cute.arch.clock()\n"
-     "                tl_gt1 = cute.arch.globaltimer_lo()\n"
-     "                if lane == 0:\n"
-     "                    tl = split * 8\n"
-     "                    mDecisions[req, head_tile, tl] = tl_gt0\n"
-     "                    mDecisions[req, head_tile, tl + 1] = cute.arch.smid()\n"
-     "                    mDecisions[req, head_tile, tl + 2] = tl_c0\n"
-     "                    mDecisions[req, head_tile, tl + 3] = tl_c1\n"
-     "                    mDecisions[req, head_tile, tl + 4] = tl_c2\n"
-     "                    mDecisions[req, head_tile, tl + 5] = tl_c3\n"
-     "                    mDecisions[req, head_tile, tl + 6] = n_eligible - n_skipped\n"
-     "                    mDecisions[req, head_tile, tl + 7] = tl_gt1\n"),
-]
-# The skip-decision writes are removed: the timeline reuses their output tensor.
-_DECISION_WRITE = (
-    "                    if const_expr(self.record_decisions):\n"
-    "                        if lane == 0:\n"
-    "                            mDecisions[req, head_tile, t] = Int32(cutlass.select_(keep, 1, 2))\n"
-)
-
-
-def instrumented_module():
-    """Import the timeline copy of the decode kernel module (see the module docstring)."""
-    edits = [(anchor, (anchor + text) if text is not None else ("            tl_c2 = cute.arch.clock()\n" + anchor))
-             for anchor, text in _INSERTS]
-    return instrumented_copy(bd.__file__, edits + [(_DECISION_WRITE, "")], "blasst_decode_timeline")
-
 
 def summarize(stamps: np.ndarray, slots: int) -> dict:
     """Summary of one timeline (``[CTAs, STAMPS]`` int64, see the module docstring)."""
@@ -116,7 +79,6 @@ def main():
     ap.add_argument("--sparsity", type=float, default=0.7)
     ap.add_argument("--raw", action="store_true", help="also write every CTA's stamps")
     a = ap.parse_args()
-    tl_mod = instrumented_module()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     hkv, d = 8, 128
     res = {"environment": environment(), "args": vars(a), "runs": []}
@@ -127,8 +89,8 @@ def main():
             splits = shape.num_splits
             ws = heuristic_ws if shape == heuristic else bd.decode_workspace(splits, batch, hq, d, q.device)
 
-            def call(factor, mod=bd, **kw):
-                return mod.blasst_decode(q, kc, vc, table, lens, softmax_scale=scale, threshold_scale_factor=factor,
+            def call(factor, **kw):
+                return bd.blasst_decode(q, kc, vc, table, lens, softmax_scale=scale, threshold_scale_factor=factor,
                                          workspace=ws, **shape._asdict(), **kw)
 
             def counting(factor):
@@ -142,7 +104,7 @@ def main():
                 stamps = torch.zeros(batch, hkv * -(-hq // hkv // bd.Q_TILE_ROWS), splits * STAMPS,
                                      dtype=torch.int32, device="cuda")
                 for _ in range(5):  # the last call's stamps are kept
-                    call(factor, mod=tl_mod, decisions=stamps)
+                    call(factor, decisions=stamps, timeline=True)
                 torch.cuda.synchronize()
                 rows = stamps.view(-1, splits, STAMPS).reshape(-1, STAMPS).cpu().numpy().astype(np.int64)
                 run = {"batch": batch, "context": ctx, "num_q_heads": hq, "page": page, "splits": shape._asdict(),

@@ -41,7 +41,7 @@ def test_doctor_fails_on_a_setting_startup_refuses_and_names_typos(monkeypatch):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="what doctor says without a GPU")
 def test_doctor_says_what_this_machine_cannot_run():
     out = run("doctor")
-    line = next(line for line in out.stdout.splitlines() if "BLASST decode (kernels/blasst_decode.py)" in line)
+    line = next(line for line in out.stdout.splitlines() if "BLASST decode (kernels/blasst_decode/)" in line)
     assert "unavailable here: no CUDA device" in line
     assert "dense attention (prefill; plain decode)" in out.stdout and "FA3 on sm90" in out.stdout
     assert " INFO " not in out.stdout + out.stderr  # vLLM's own INFO lines stay out of the report

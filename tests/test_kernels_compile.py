@@ -70,6 +70,8 @@ for head_dim, group, next_n, block_size, dtype in (
                               record_decisions=count, factor_per_request=per_request)
     compile_blasst_combine(head_dim=head_dim, dtype=dtype)
 compile_blasst_combine(head_dim=64, dtype=torch.bfloat16, use_pdl=False)
+compile_blasst_decode(head_dim=64, group=3, next_n=1, block_size=128, dtype=torch.bfloat16, has_threshold=True,
+                      count_skips=False, final_output=False, record_decisions=True, timeline=True)  # benchmarks'
 for k_stages in (1, 8):  # the K ring's extremes
     compile_blasst_decode(head_dim=128, group=4, next_n=1, block_size=16, dtype=torch.bfloat16, has_threshold=True,
                           count_skips=False, final_output=False, k_stages=k_stages)
@@ -110,7 +112,9 @@ def test_decode_split_heuristic_rules(monkeypatch):
     """The split heuristic's rules on a 132-SM GPU (the H200), without a GPU."""
     from vllm_blackwell_sparse.kernels import blasst_decode as bd
 
-    monkeypatch.setitem(bd._SM_COUNT, 0, 132)
+    from vllm_blackwell_sparse.kernels.blasst_decode import heuristic
+
+    monkeypatch.setitem(heuristic._SM_COUNT, 0, 132)
 
     def shape(batch, ctx, rows=4, hkv=8):
         return bd.split_shape_heuristic(batch, hkv, rows, ctx, "cuda:0")
@@ -161,3 +165,15 @@ def test_decode_split_shape_arguments_are_checked():
     ]:
         with pytest.raises(ValueError, match=fragment):
             bd.blasst_decode(*a, softmax_scale=0.1, **kwargs)
+
+
+def test_kernel_classes_are_importable_at_module_level():
+    from vllm_blackwell_sparse.kernels.blasst_decode import limits
+    from vllm_blackwell_sparse.kernels.blasst_decode.combine_kernel import BlasstCombine
+    from vllm_blackwell_sparse.kernels.blasst_decode.decode_kernel import BlasstDecode
+
+    assert callable(BlasstDecode) and callable(BlasstCombine)
+    import torch
+
+    assert limits.can_implement(64, 3, 1, 128, torch.bfloat16) is None
+    assert "head_dim must be one of" in limits.can_implement(96, 3, 1, 128, torch.bfloat16)

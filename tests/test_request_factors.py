@@ -92,3 +92,36 @@ def test_request_factors_of_the_oracle():
     assert request_factors(torch.tensor([2.0, math.inf]), 2) == [2.0, None]
     with pytest.raises(ValueError, match="2 values for 3 requests"):
         request_factors([1.0, 2.0], 3)
+
+
+def _vllm_config(factor=64.0, backend="CUSTOM", dbo=False):
+    return SimpleNamespace(
+        additional_config={"blackwell_sparse": {"decode_threshold_scale_factor": factor}},
+        attention_config=SimpleNamespace(backend=SimpleNamespace(name=backend)),
+        parallel_config=SimpleNamespace(use_ubatching=dbo),
+        scheduler_config=SimpleNamespace(max_num_seqs=8),
+        compilation_config=SimpleNamespace(max_cudagraph_capture_size=16))
+
+
+def test_the_batch_row_processor_refuses_micro_batching():
+    with pytest.raises(ValueError, match="micro-batching"):
+        DecodeFactorRows(_vllm_config(dbo=True), torch.device("cpu"), False)
+
+
+@pytest.mark.parametrize("config,fragment", [(dict(factor=None), "runs dense decode"),
+                                             (dict(backend="FLASH_ATTN"), "not CUSTOM")])
+def test_a_factor_the_engine_cannot_honour_is_reported_once(monkeypatch, config, fragment):
+    import vllm_blackwell_sparse.request_factors as rf
+
+    said = []
+    monkeypatch.setattr(rf, "warn_once", lambda log, msg: said.append(msg))
+    proc = DecodeFactorRows(_vllm_config(**config), torch.device("cpu"), False)
+    proc.update_state(_update(1, added=[(0, _params(8), [], [])]))
+    assert len(said) == 1 and fragment in said[0] and REQUEST_FACTOR_KEY in said[0]
+    logits = torch.randn(1, 5)
+    assert proc.apply(logits) is logits and proc.is_argmax_invariant()
+
+
+def test_rows_sized_as_the_largest_padded_batch():
+    proc = DecodeFactorRows(_vllm_config(), torch.device("cpu"), False)
+    assert len(proc.rows.asked) == 16 and proc.key is None  # no buffer without CUDA

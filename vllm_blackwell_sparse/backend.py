@@ -6,7 +6,7 @@ Dense attention (prefill, and decode unless ``decode_threshold_scale_factor`` is
 runs the fastest FlashAttention vLLM ships for the GPU on the paged KV cache: FA3 on
 Hopper (sm90), where it beats FA4 on paged KV (docs/BENCHMARKS.md), and FlashAttention-4
 (CuTe DSL, vendored by vLLM as ``vllm.vllm_flash_attn.cute``) elsewhere. With the factor
-set, the decode rows run our BLASST decode kernel (``kernels/blasst_decode.py``) on the
+set, the decode rows run our BLASST decode kernel (``kernels/blasst_decode/``) on the
 same cache.
 
 GPU-only modules are imported inside the functions that need them: this module is
@@ -36,6 +36,7 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 from vllm_blackwell_sparse.config import ConfigError, load_config, unavailable_feature_reasons
 from vllm_blackwell_sparse.envs import env_bool
+from vllm_blackwell_sparse.kernels.blasst_decode import limits as blasst_limits
 from vllm_blackwell_sparse.util import get_logger, warn_once
 
 logger = get_logger(__name__)
@@ -51,10 +52,11 @@ SUPPORTED_HEAD_SIZES = {9: tuple(range(32, 257, 8)), 10: tuple(range(32, 129, 8)
 # blocks are preferred; FA3, the dense path on Hopper, is as fast at 128 as at 16.
 PREFERRED_BLOCK_SIZE = 128
 KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")
-# The BLASST decode kernel's shapes (kernels/blasst_decode.py).
-BLASST_DECODE_HEAD_SIZES = (64, 128)
-BLASST_DECODE_DTYPES = (torch.float16, torch.bfloat16)
-BLASST_DECODE_MAX_QUERY_LEN = 8
+# The BLASST decode kernel's shapes, as its package states them (plain constants; importing
+# them builds no kernel and needs no GPU).
+BLASST_DECODE_HEAD_SIZES = blasst_limits.SUPPORTED_HEAD_DIMS
+BLASST_DECODE_DTYPES = blasst_limits.SUPPORTED_DTYPES
+BLASST_DECODE_MAX_QUERY_LEN = blasst_limits.MAX_NEXT_N
 
 
 class BlackwellSparseBackend(AttentionBackend):
@@ -325,11 +327,11 @@ class BlackwellSparseImpl(AttentionImpl[BlackwellSparseMetadata]):
         self.precompile_plan = None  # (block_size, query lengths) of the decode kernels to build before serving
         if cfg.decode_threshold_scale_factor is not None:
             from vllm_blackwell_sparse import blasst_stats
-            from vllm_blackwell_sparse.decode_factors import decode_factor_buffer
+            from vllm_blackwell_sparse.decode_factors import buffer_key, decode_factor_buffer
 
             if torch.cuda.is_available():  # (unit tests build impls on machines without a GPU)
-                self.decode_factors = decode_factor_buffer(torch.cuda.current_device(), _max_decode_requests(),
-                                                           cfg.decode_threshold_scale_factor)
+                self.decode_factors = decode_factor_buffer(buffer_key(
+                    torch.cuda.current_device(), _max_decode_requests(), cfg.decode_threshold_scale_factor))
 
             if blasst_stats.stats_enabled():
                 self.skip_counter = blasst_stats.new_counter("decode", _max_decode_requests(), torch.cuda.current_device())

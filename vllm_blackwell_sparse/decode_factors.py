@@ -21,8 +21,11 @@ import torch
 # Without a vLLM config (unit tests, direct use): rows of the buffer.
 DEFAULT_MAX_DECODE_REQUESTS = 1024
 
-_BUFFERS: dict[int, torch.Tensor] = {}
-_DEFAULTS: dict[int, float] = {}
+# One buffer per (device, engine factor, rows): every layer of an engine and its batch-row
+# logits processor compute the same key from the same settings, and a second engine in the
+# same process with another factor gets its own buffer.
+_BUFFERS: dict[tuple, torch.Tensor] = {}
+_DEFAULTS: dict[tuple, float] = {}
 _LOCK = threading.Lock()
 
 
@@ -49,45 +52,46 @@ def factor_value(factor: float | None) -> float:
     return float(factor)
 
 
-def _index(device) -> int:
+def buffer_key(device, rows: int, factor: float | None) -> tuple:
     if isinstance(device, int):
-        return device
-    device = torch.device(device)
-    return device.index if device.index is not None else torch.cuda.current_device()
+        index = device
+    else:
+        device = torch.device(device)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+    return index, factor_value(factor), max(rows, 1)
 
 
-def decode_factor_buffer(device, rows: int, factor: float | None) -> torch.Tensor:
-    """The device's buffer, made on first use (``rows`` long, filled with ``factor``).
-
-    Made before any CUDA-graph capture (the attention impls' and the batch-row logits
-    processor's constructors) and never replaced, so every user holds the same memory."""
-    index = _index(device)
+def decode_factor_buffer(key: tuple) -> torch.Tensor:
+    """The buffer of ``key`` (:func:`buffer_key`), made and filled with the engine's factor on
+    first use: by the attention impls' constructors, before any CUDA-graph capture. Never
+    replaced, so the impls, their captured graphs and the batch-row logits processor all
+    hold the same memory."""
     with _LOCK:
-        buf = _BUFFERS.get(index)
+        buf = _BUFFERS.get(key)
         if buf is None:
-            _DEFAULTS[index] = factor_value(factor)
-            buf = torch.full((max(rows, 1),), _DEFAULTS[index], dtype=torch.float32, device=f"cuda:{index}")
-            _BUFFERS[index] = buf
-        elif buf.numel() < rows:
-            raise RuntimeError(f"the decode factor buffer on cuda:{index} has {buf.numel()} rows, {rows} are needed")
+            index, value, rows = key
+            _DEFAULTS[key] = value
+            buf = torch.full((rows,), value, dtype=torch.float32, device=f"cuda:{index}")
+            _BUFFERS[key] = buf
         return buf
 
 
-def current_default(device) -> float:
-    """The engine's factor on ``device`` as the buffer encodes it (``inf``: no skipping)."""
-    return _DEFAULTS.get(_index(device), math.inf)
+def current_default(key: tuple) -> float:
+    """The factor rows without their own hold now (``inf``: no skipping)."""
+    return _DEFAULTS.get(key, key[1])
 
 
 def set_decode_threshold_scale_factor(factor: float | None) -> int:
     """Set the engine's decode factor in this process (``None``: no skipping) for every row;
     returns how many device buffers were filled. Stream-ordered and synchronised, so the
-    next step, graph replays included, sees it. Per-request factors are written again at
-    the next change of the batch. Needs an engine started with a decode factor (the BLASST
-    kernel is chosen at start-up; without it there is no buffer)."""
+    next step, graph replays included, sees it; the batch-row logits processor writes the
+    rows of requests with their own factor again before that step's attention. Needs an
+    engine started with a decode factor (the BLASST kernel is chosen at start-up; without
+    it there is no buffer)."""
     value = factor_value(factor)
     with _LOCK:
-        for index, buf in _BUFFERS.items():
-            _DEFAULTS[index] = value
+        for key, buf in _BUFFERS.items():
+            _DEFAULTS[key] = value
             buf.fill_(value)
             torch.cuda.synchronize(buf.device)
         return len(_BUFFERS)

@@ -76,7 +76,7 @@ def kernel_availability(gpu: dict) -> dict[str, str]:
         dense = f"none here: the backend needs sm90 or sm100, this is {gpu['arch']}"
     out["dense attention (prefill; plain decode)"] = dense
     out["BLASST prefill"] = "not in this release" if not BLASST_KERNEL_AVAILABLE["prefill"] else "available"
-    out["BLASST decode (kernels/blasst_decode.py)"] = _blasst_decode_state(gpu)
+    out["BLASST decode (kernels/blasst_decode/)"] = _blasst_decode_state(gpu)
     if gpu["cuda"] and gpu["capability"][0] in (9, 10):
         gvr = "available (exact; opt-in with gvr_topk for the DeepSeek-V3.2 indexer; runs where it measured faster than vLLM's top-k, vLLM's kernel elsewhere)"
         if importlib.util.find_spec("cutlass") is None:

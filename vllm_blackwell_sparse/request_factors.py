@@ -106,13 +106,30 @@ class DecodeFactorRows(LogitsProcessor):
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         from vllm_blackwell_sparse.config import load_config
-        from vllm_blackwell_sparse.decode_factors import max_decode_requests
+        from vllm_blackwell_sparse.decode_factors import buffer_key, max_decode_requests
 
+        parallel = getattr(vllm_config, "parallel_config", None)
+        if parallel is not None and getattr(parallel, "use_ubatching", False):
+            # Each micro-batch's attention reads the factor rows from 0: they would be misaligned.
+            raise ValueError("vllm_blackwell_sparse.request_factors.DecodeFactorRows does not support micro-batching "
+                             "(--enable-dbo / ubatch_size > 1): drop the logits processor (the engine's factor still "
+                             "applies) or the micro-batching")
         self.engine_factor = load_config(vllm_config).decode_threshold_scale_factor
-        self.device = device
-        self.rows = RowFactors(max_decode_requests(vllm_config))
+        backend = getattr(getattr(vllm_config, "attention_config", None), "backend", None)
+        self.ignored = None
+        if self.engine_factor is None:
+            self.ignored = ("this engine runs dense decode (decode_threshold_scale_factor is unset, so the BLASST "
+                            "kernel is not in use): served dense. Start the engine with a decode factor to allow "
+                            "per-request factors")
+        elif backend is not None and getattr(backend, "name", str(backend)) != "CUSTOM":
+            self.ignored = f"the attention backend is {getattr(backend, 'name', backend)}, not CUSTOM: ignored"
+        rows = max_decode_requests(vllm_config)
+        self.rows = RowFactors(rows)
+        self.key = buffer_key(device, rows, self.engine_factor) if device.type == "cuda" and not self.ignored else None
         self.buffer = None
+        self.written_default = None
         self.batch_size = 0
+        self.pin = is_pin_memory
 
     def is_argmax_invariant(self) -> bool:
         return True
@@ -121,23 +138,27 @@ class DecodeFactorRows(LogitsProcessor):
         return logits
 
     def update_state(self, batch_update) -> None:
-        if not self.rows.apply(batch_update):
+        changed = self.rows.apply(batch_update)
+        if batch_update is not None:
+            self.batch_size = batch_update.batch_size
+        if self.ignored:
+            if changed and any(f is not None for f in self.rows.asked):
+                warn_once(logger, f"a request set {REQUEST_FACTOR_KEY}, but {self.ignored}")
             return
-        self.batch_size = batch_update.batch_size
-        if self.engine_factor is None:
-            if any(f is not None for f in self.rows.asked[:self.batch_size]):
-                warn_once(logger, f"a request set {REQUEST_FACTOR_KEY}, but this engine runs dense decode "
-                                  "(decode_threshold_scale_factor is unset, so the BLASST kernel is not in use): "
-                                  "served dense. Start the engine with a decode factor to allow per-request factors.")
-            return
-        if self.device.type != "cuda":
+        if self.key is None:
             return
         from vllm_blackwell_sparse.decode_factors import current_default, decode_factor_buffer
 
+        default = current_default(self.key)
+        if not changed and default == self.written_default:
+            return
         if self.buffer is None:
-            self.buffer = decode_factor_buffer(self.device, len(self.rows.asked), self.engine_factor)
-        values = self.rows.values(self.batch_size, current_default(self.device))
+            self.buffer = decode_factor_buffer(self.key)  # made by the attention impls at start-up
+        values = self.rows.values(self.batch_size, default)
+        self.written_default = default
         if values:
-            # Pageable source: the copy is ordered on the current stream, before this
-            # step's attention (graph replays included), and the host list is free at once.
-            self.buffer[:len(values)].copy_(torch.tensor(values, dtype=torch.float32))
+            # Ordered on the current stream, before this step's attention (graph replays
+            # included). The pinned source block is reused by torch's host allocator only
+            # after this copy has completed, so the host never waits for the GPU here.
+            src = torch.tensor(values, dtype=torch.float32)
+            self.buffer[:len(values)].copy_(src.pin_memory() if self.pin else src, non_blocking=self.pin)

@@ -476,3 +476,23 @@ def test_a_bad_factor_tensor_is_refused():
                           (torch.ones(2), "threshold_scale_factor is on cpu")):
         with pytest.raises(ValueError, match=fragment):
             bd.blasst_decode(*args, softmax_scale=0.1, threshold_scale_factor=bad)
+
+
+def test_the_timeline_variant_gives_the_same_output_and_stamps_every_active_cta():
+    """benchmarks/decode_timeline.py's variant: per-CTA stamps through ``decisions``; the
+    attention output is the normal call's, bit for bit."""
+    hq, hkv, d, bs = 32, 8, 128, 16
+    case = wl.peaked_attention_case([3000, 700], [1, 1], hq, hkv, d, bs, device=DEV,
+                                    params=wl.PeakedAttentionParams(seed=random.randrange(1 << 30)))
+    args = [case[n] for n in ("q", "k_cache", "v_cache", "block_table", "seq_lens")]
+    splits = 4
+    normal = bd.blasst_decode(*args, softmax_scale=d ** -0.5, threshold_scale_factor=6.0, num_splits=splits)
+    stamps = torch.zeros(2, hkv * -(-hq // hkv // bd.Q_TILE_ROWS), splits * bd.TIMELINE_STAMPS, dtype=torch.int32,
+                         device=DEV)
+    out = bd.blasst_decode(*args, softmax_scale=d ** -0.5, threshold_scale_factor=6.0, num_splits=splits,
+                           decisions=stamps, timeline=True)
+    assert torch.equal(out, normal)
+    rows = stamps.view(-1, splits, bd.TIMELINE_STAMPS).reshape(-1, bd.TIMELINE_STAMPS).long() % (1 << 32)
+    assert bool((rows[:, 7] != 0).all())  # every CTA of these requests has work
+    assert bool((((rows[:, 7] - rows[:, 0]) % (1 << 32)) < 10**9).all())  # exit after entry, within a second
+    assert bool((rows[:, 6] >= 0).all()) and int(rows[:, 6].max()) > 0  # kept eligible tiles

@@ -1,5 +1,5 @@
-"""CuTe-DSL kernels: one file per kernel, each with its compile cache. They know nothing
-of vLLM: plain torch tensors in and out."""
+"""CuTe-DSL kernels: one package (or, for GVR top-k, one file) per kernel, each with its
+compile cache. They know nothing of vLLM: plain torch tensors in and out."""
 
 import os
 

@@ -125,3 +125,15 @@ def test_a_factor_the_engine_cannot_honour_is_reported_once(monkeypatch, config,
 def test_rows_sized_as_the_largest_padded_batch():
     proc = DecodeFactorRows(_vllm_config(), torch.device("cpu"), False)
     assert len(proc.rows.asked) == 16 and proc.key is None  # no buffer without CUDA
+
+
+def test_every_run_time_change_asks_for_the_rows_again():
+    from vllm_blackwell_sparse import decode_factors as df
+
+    key = (0, 64.0, 16)
+    _, before = df.current_default(key)
+    assert df.set_decode_threshold_scale_factor(128.0) == 0  # no buffer without a GPU engine
+    default, after = df.current_default(key)
+    df.set_decode_threshold_scale_factor(128.0)  # the same value again still counts
+    assert after == before + 1 and df.current_default(key)[1] == after + 1
+    assert df.existing_decode_factor_buffer(key) is None

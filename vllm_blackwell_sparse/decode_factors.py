@@ -26,6 +26,7 @@ DEFAULT_MAX_DECODE_REQUESTS = 1024
 # same process with another factor gets its own buffer.
 _BUFFERS: dict[tuple, torch.Tensor] = {}
 _DEFAULTS: dict[tuple, float] = {}
+_GENERATION = [0]  # bumped by every set_decode_threshold_scale_factor(): rows must be written again
 _LOCK = threading.Lock()
 
 
@@ -76,9 +77,17 @@ def decode_factor_buffer(key: tuple) -> torch.Tensor:
         return buf
 
 
-def current_default(key: tuple) -> float:
-    """The factor rows without their own hold now (``inf``: no skipping)."""
-    return _DEFAULTS.get(key, key[1])
+def existing_decode_factor_buffer(key: tuple) -> torch.Tensor | None:
+    """The buffer of ``key`` if the attention impls made it, else None (never makes one: a
+    buffer no kernel reads would swallow per-request factors silently)."""
+    with _LOCK:
+        return _BUFFERS.get(key)
+
+
+def current_default(key: tuple) -> tuple[float, int]:
+    """The factor rows without their own hold now (``inf``: no skipping), and the number of
+    run-time changes so far (a change to the same value also overwrote every row)."""
+    return _DEFAULTS.get(key, key[1]), _GENERATION[0]
 
 
 def set_decode_threshold_scale_factor(factor: float | None) -> int:
@@ -90,6 +99,7 @@ def set_decode_threshold_scale_factor(factor: float | None) -> int:
     it there is no buffer)."""
     value = factor_value(factor)
     with _LOCK:
+        _GENERATION[0] += 1
         for key, buf in _BUFFERS.items():
             _DEFAULTS[key] = value
             buf.fill_(value)

@@ -108,12 +108,6 @@ class DecodeFactorRows(LogitsProcessor):
         from vllm_blackwell_sparse.config import load_config
         from vllm_blackwell_sparse.decode_factors import buffer_key, max_decode_requests
 
-        parallel = getattr(vllm_config, "parallel_config", None)
-        if parallel is not None and getattr(parallel, "use_ubatching", False):
-            # Each micro-batch's attention reads the factor rows from 0: they would be misaligned.
-            raise ValueError("vllm_blackwell_sparse.request_factors.DecodeFactorRows does not support micro-batching "
-                             "(--enable-dbo / ubatch_size > 1): drop the logits processor (the engine's factor still "
-                             "applies) or the micro-batching")
         self.engine_factor = load_config(vllm_config).decode_threshold_scale_factor
         backend = getattr(getattr(vllm_config, "attention_config", None), "backend", None)
         self.ignored = None
@@ -123,11 +117,17 @@ class DecodeFactorRows(LogitsProcessor):
                             "per-request factors")
         elif backend is not None and getattr(backend, "name", str(backend)) != "CUSTOM":
             self.ignored = f"the attention backend is {getattr(backend, 'name', backend)}, not CUSTOM: ignored"
+        parallel = getattr(vllm_config, "parallel_config", None)
+        if not self.ignored and parallel is not None and getattr(parallel, "use_ubatching", False):
+            # Each micro-batch's attention reads the factor rows from 0: they would be misaligned.
+            raise ValueError("vllm_blackwell_sparse.request_factors.DecodeFactorRows does not support micro-batching "
+                             "(--enable-dbo / ubatch_size > 1): drop the logits processor (the engine's factor still "
+                             "applies) or the micro-batching")
         rows = max_decode_requests(vllm_config)
         self.rows = RowFactors(rows)
         self.key = buffer_key(device, rows, self.engine_factor) if device.type == "cuda" and not self.ignored else None
         self.buffer = None
-        self.written_default = None
+        self.written_generation = None
         self.batch_size = 0
         self.pin = is_pin_memory
 
@@ -147,15 +147,20 @@ class DecodeFactorRows(LogitsProcessor):
             return
         if self.key is None:
             return
-        from vllm_blackwell_sparse.decode_factors import current_default, decode_factor_buffer
+        from vllm_blackwell_sparse.decode_factors import current_default, existing_decode_factor_buffer
 
-        default = current_default(self.key)
-        if not changed and default == self.written_default:
+        default, generation = current_default(self.key)
+        if not changed and generation == self.written_generation:
             return
         if self.buffer is None:
-            self.buffer = decode_factor_buffer(self.key)  # made by the attention impls at start-up
+            self.buffer = existing_decode_factor_buffer(self.key)  # made by the attention impls at start-up
+            if self.buffer is None:
+                self.ignored = ("no attention layer of this engine reads a decode factor buffer of its settings "
+                                f"(device, factor, rows = {self.key}): ignored")
+                warn_once(logger, f"{REQUEST_FACTOR_KEY}: {self.ignored}")
+                return
         values = self.rows.values(self.batch_size, default)
-        self.written_default = default
+        self.written_generation = generation
         if values:
             # Ordered on the current stream, before this step's attention (graph replays
             # included). The pinned source block is reused by torch's host allocator only

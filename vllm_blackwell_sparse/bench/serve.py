@@ -46,7 +46,7 @@ CONTROL_FACTOR = 1e9  # λ = factor / kv_len >= 1 for every request: the kernel 
 DEFAULT_CELLS = ((8, 4096), (64, 4096), (8, 7000), (64, 7000))
 DEFAULT_FACTORS = (64.0, 512.0, 2048.0)
 PROFILED_STEPS = 4
-# Kernel names of FA3 / FA4 (flash::FlashAttnFwdSm90, ...FwdCombine) and ours (BlasstDecodeSm90,
+# Kernel names of FA3 / FA4 (flash::FlashAttnFwdSm90, ...FwdCombine) and ours (BlasstDecode,
 # BlasstCombine); vLLM's reshape_and_cache_flash (the cache write) is not attention here.
 ATTENTION_KERNEL_MARKERS = ("FlashAttn", "flash_fwd", "Blasst")
 

@@ -48,6 +48,8 @@ Outputs: with one split the normalised output is written in the query dtype; wit
 fp32 partial outputs and log2-domain LSEs per split, merged by the combine kernel.
 """
 
+import math
+
 from vllm_blackwell_sparse.kernels.blasst_decode.compile import compile_blasst_combine, compile_blasst_decode
 from vllm_blackwell_sparse.kernels.blasst_decode.heuristic import (
     LONG_SPLIT_RATIO, LONG_SPLIT_WAVES_LARGE_BATCH, LONG_SPLIT_WAVES_SMALL_BATCH, MIN_TILES_PER_SHORT_SPLIT,
@@ -62,4 +64,5 @@ from vllm_blackwell_sparse.kernels.blasst_decode.limits import (
 )
 from vllm_blackwell_sparse.kernels.blasst_decode.splits import DEFAULT_SPLIT_RULE, SplitRule, request_tiles
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+__all__ = [name for name, value in dict(globals()).items()
+           if not name.startswith("_") and not isinstance(value, type(math))]

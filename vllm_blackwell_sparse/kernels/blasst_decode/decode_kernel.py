@@ -20,10 +20,11 @@ class BlasstDecode:
     dtype, whether a threshold is compiled in (and read per request from a tensor),
     whether skip counters are written,
     and whether the output is final (one split) or partial. ``timeline`` (benchmarks):
-    instead of skip decisions, each active CTA writes ``TIMELINE_STAMPS`` int32 into
-    ``mDecisions[req, head_tile, split * TIMELINE_STAMPS:]``: global timer (low 32 bits) at
-    entry, SM id, SM clock at entry / once the first K tiles arrived / after the main loop
-    / after the store, kept eligible tiles, global timer at exit.
+    instead of skip decisions, each CTA with work (inactive ones write nothing) writes
+    ``TIMELINE_STAMPS`` int32 into ``mDecisions[req, head_tile, split * TIMELINE_STAMPS:]``:
+    global timer (low 32 bits) when its split starts, SM id, SM clock at that start / once
+    the first K tiles arrived / after the main loop / after the store, kept eligible tiles,
+    global timer at exit.
     """
 
     def __init__(self, head_dim, group, next_n, block_size, dtype, has_threshold, count_skips, record_decisions,

@@ -8,8 +8,8 @@ from vllm_blackwell_sparse.config import (
     load_config,
     parse_config,
     section_from_additional_config,
-    unavailable_feature_reasons,
 )
+from vllm_blackwell_sparse.features import unavailable_feature_reasons
 
 
 def test_defaults_are_dense_and_gvr_off():

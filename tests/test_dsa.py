@@ -246,7 +246,8 @@ def test_hint_state_carries_each_requests_topk_to_its_next_step(monkeypatch):
 
 
 def test_a_failed_hook_refuses_gvr_topk(monkeypatch):
-    from vllm_blackwell_sparse.config import BlackwellSparseConfig, unavailable_feature_reasons
+    from vllm_blackwell_sparse.config import BlackwellSparseConfig
+    from vllm_blackwell_sparse.features import unavailable_feature_reasons
 
     assert unavailable_feature_reasons(BlackwellSparseConfig(gvr_topk=True)) == []
     monkeypatch.setattr(dsa, "_hook_failures", [dsa.INDEXER_MODULE])

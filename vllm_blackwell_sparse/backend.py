@@ -34,8 +34,9 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
-from vllm_blackwell_sparse.config import ConfigError, load_config, unavailable_feature_reasons
+from vllm_blackwell_sparse.config import ConfigError, load_config
 from vllm_blackwell_sparse.envs import env_bool
+from vllm_blackwell_sparse.features import unavailable_feature_reasons
 from vllm_blackwell_sparse.kernels.blasst_decode import limits as blasst_limits
 from vllm_blackwell_sparse.util import get_logger, warn_once
 

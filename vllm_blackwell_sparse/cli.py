@@ -298,6 +298,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.bench == "serve":
         from vllm_blackwell_sparse.bench import serve as bench_serve
 
+        if args.server:
+            from vllm_blackwell_sparse.bench import serve_server
+
+            model = bench_serve.preflight(args)
+            return 2 if model is None else serve_server.main(args, model)
         return bench_serve.main(args)
     if args.bench == "decode":
         from vllm_blackwell_sparse.bench import decode as bench_decode

@@ -46,7 +46,7 @@ def gpu_info() -> dict:
 
 def kernel_availability(gpu: dict) -> dict[str, str]:
     """Which kernels this release can run here, each with a one-line reason."""
-    from vllm_blackwell_sparse.config import BLASST_KERNEL_AVAILABLE
+    from vllm_blackwell_sparse.features import BLASST_KERNEL_AVAILABLE
 
     out = {}
     if not gpu["cuda"]:
@@ -151,7 +151,8 @@ def run_doctor() -> int:
         else:
             print("  DSA indexer hook not armed (register() did not complete)")
     try:
-        from vllm_blackwell_sparse.config import load_config, unavailable_feature_reasons
+        from vllm_blackwell_sparse.config import load_config
+        from vllm_blackwell_sparse.features import unavailable_feature_reasons
 
         cfg = load_config(None)
         print(f"  config (VBS_*)   {cfg.as_dict()}")

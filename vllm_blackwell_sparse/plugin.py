@@ -73,7 +73,8 @@ def _report_environment_config() -> None:
     """Log (never raise) what is wrong with the ``VBS_*`` settings. ``additional_config``
     is not visible here (no VllmConfig exists yet); it is validated when the backend is
     selected, where a problem refuses start-up with vLLM's reason line."""
-    from vllm_blackwell_sparse.config import ConfigError, parse_config, unavailable_feature_reasons
+    from vllm_blackwell_sparse.config import ConfigError, parse_config
+    from vllm_blackwell_sparse.features import unavailable_feature_reasons
 
     from vllm_blackwell_sparse.envs import did_you_mean, unknown_vbs_variables
 

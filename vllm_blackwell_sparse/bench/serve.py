@@ -406,19 +406,23 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(args) -> int:
+def preflight(args) -> str | None:
+    """The model to serve, or None (said why) when this machine cannot run the benchmark."""
     import torch
 
     if not torch.cuda.is_available():
         print("vbs bench serve: no CUDA device here; it serves a model on an sm90/sm100 GPU.")
-        return 2
+        return None
+    return resolve_model(args.model)
+
+
+def main(args) -> int:
+    """The offline-engine mode (``--server``: ``serve_server.main``)."""
     from vllm_blackwell_sparse.bench.topk import environment
 
-    model = resolve_model(args.model)
-    if args.server:
-        from vllm_blackwell_sparse.bench import serve_server
-
-        return serve_server.main(args, model)
+    model = preflight(args)
+    if model is None:
+        return 2
     cells = args.cells or DEFAULT_CELLS
     specs = engine_specs(model, cells, args.factors, args.max_tokens, eager_cell=args.eager_cell, compile=args.compile,
                          stats_overhead=args.stats_overhead)

@@ -12,7 +12,7 @@ import torch
 
 from vllm_blackwell_sparse import dsa
 from vllm_blackwell_sparse.dsa import SlotMap, cutoff_tie_rows
-from vllm_blackwell_sparse.workloads import topk_overlap_counts
+from vllm_blackwell_sparse.reference.topk import topk_overlap_counts
 
 
 def test_slot_map_reads_a_hint_only_after_a_decode_step():

@@ -469,7 +469,7 @@ class GvrLayer:
         hinted = live & (read >= 0)
         slot = read.clamp(min=0).long()
         hit = hinted & (self.hint_len[slot] == lengths - 1)
-        from vllm_blackwell_sparse.workloads import topk_overlap_counts
+        from vllm_blackwell_sparse.reference.topk import topk_overlap_counts
 
         overlap = topk_overlap_counts(self.hints[slot], output)
         ties = cutoff_tie_rows(logits, lengths, self.k)

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from vllm_blackwell_sparse.reference.topk import topk_overlap_counts  # noqa: F401 (also re-exported for callers)
+
 
 def make_paged_kv(
     seq_lens: list[int],
@@ -330,15 +332,3 @@ def topk_overlap(prev: torch.Tensor, cur: torch.Tensor) -> float:
     """Mean over rows of |prev ∩ cur| / k for index sets ``[rows, k]`` (-1 entries ignored)."""
     valid = (cur >= 0).sum(dim=1).clamp(min=1).double()
     return float((topk_overlap_counts(prev, cur).double() / valid).sum()) / max(1, prev.shape[0])
-
-
-def topk_overlap_counts(previous: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
-    """|previous ∩ current| per row of two ``[rows, k]`` index sets (``-1`` = empty), in
-    plain torch ops (capture-safe; the DSA hook's statistics use it inside CUDA graphs).
-    Each row of a top-k set is duplicate-free, so duplicates in the concatenation are
-    exactly the common indices."""
-    both = torch.cat([previous, current], dim=1).to(torch.int64)
-    filler = -2 - torch.arange(both.shape[1], device=both.device)  # distinct, never a column
-    both = torch.where(both < 0, filler, both)
-    ordered = both.sort(dim=1).values
-    return (ordered[:, 1:] == ordered[:, :-1]).sum(dim=1)

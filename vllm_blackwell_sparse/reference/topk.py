@@ -205,3 +205,15 @@ def gvr_topk_emulation(
         eq = cand[ck == kth][: k - gt.numel()]
         out[r] = torch.sort(torch.cat([gt, eq])).values.to(torch.int32)
     return (out, traces) if return_trace else out
+
+
+def topk_overlap_counts(previous: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    """|previous ∩ current| per row of two ``[rows, k]`` index sets (``-1`` = empty), in
+    plain torch ops (capture-safe; the DSA hook's statistics use it inside CUDA graphs).
+    Each row of a top-k set is duplicate-free, so duplicates in the concatenation are
+    exactly the common indices."""
+    both = torch.cat([previous, current], dim=1).to(torch.int64)
+    filler = -2 - torch.arange(both.shape[1], device=both.device)  # distinct, never a column
+    both = torch.where(both < 0, filler, both)
+    ordered = both.sort(dim=1).values
+    return (ordered[:, 1:] == ordered[:, :-1]).sum(dim=1)

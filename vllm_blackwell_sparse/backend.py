@@ -328,15 +328,15 @@ class BlackwellSparseImpl(AttentionImpl[BlackwellSparseMetadata]):
         self.precompile_plan = None  # (block_size, query lengths) of the decode kernels to build before serving
         if cfg.decode_threshold_scale_factor is not None:
             from vllm_blackwell_sparse import blasst_stats
-            from vllm_blackwell_sparse.decode_factors import buffer_key, decode_factor_buffer
+            from vllm_blackwell_sparse.decode_factors import buffer_key, decode_factor_buffer, max_decode_requests
 
+            rows = max_decode_requests()
             if torch.cuda.is_available():  # (unit tests build impls on machines without a GPU)
                 self.decode_factors = decode_factor_buffer(buffer_key(
-                    torch.cuda.current_device(), _max_decode_requests(), cfg.decode_threshold_scale_factor))
-
+                    torch.cuda.current_device(), rows, cfg.decode_threshold_scale_factor))
             if blasst_stats.stats_enabled():
-                self.skip_counter = blasst_stats.new_counter("decode", _max_decode_requests(), torch.cuda.current_device())
-            self.largest_decode_workspace = _largest_decode_workspace()
+                self.skip_counter = blasst_stats.new_counter("decode", rows, torch.cuda.current_device())
+            self.largest_decode_workspace = _largest_decode_workspace(rows)
             self.precompile_plan = _decode_precompile_plan()
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
@@ -573,13 +573,11 @@ def _current_vllm_config():
     return get_current_vllm_config_or_none()
 
 
-def _max_decode_requests() -> int:
-    from vllm_blackwell_sparse.decode_factors import max_decode_requests
-
-    return max_decode_requests(_current_vllm_config())
+def _draft_tokens(cfg) -> int:
+    return getattr(cfg.speculative_config, "num_speculative_tokens", None) or 0
 
 
-def _largest_decode_workspace() -> tuple[int, int] | None:
+def _largest_decode_workspace(max_requests: int) -> tuple[int, int] | None:
     """(splits, tokens) of the largest BLASST decode call this engine can make: every
     decode request (and its draft tokens) of max_model_len keys; None outside vLLM."""
     from vllm_blackwell_sparse.kernels.blasst_decode import DEFAULT_SPLIT_RULE, KV_TILE
@@ -587,9 +585,8 @@ def _largest_decode_workspace() -> tuple[int, int] | None:
     cfg = _current_vllm_config()
     if cfg is None:
         return None
-    drafts = getattr(cfg.speculative_config, "num_speculative_tokens", None) or 0
     splits = DEFAULT_SPLIT_RULE.max_split_count(-(-cfg.model_config.max_model_len // KV_TILE))
-    return splits, _max_decode_requests() * (1 + drafts)
+    return splits, max_requests * (1 + _draft_tokens(cfg))
 
 
 def _decode_precompile_plan() -> tuple[int, tuple[int, ...]] | None:
@@ -597,8 +594,7 @@ def _decode_precompile_plan() -> tuple[int, tuple[int, ...]] | None:
     cfg = _current_vllm_config()
     if cfg is None:
         return None
-    drafts = getattr(cfg.speculative_config, "num_speculative_tokens", None) or 0
-    query_lens = tuple(sorted({1, 1 + drafts} & set(range(1, BLASST_DECODE_MAX_QUERY_LEN + 1))))
+    query_lens = tuple(sorted({1, 1 + _draft_tokens(cfg)} & set(range(1, BLASST_DECODE_MAX_QUERY_LEN + 1))))
     return cfg.cache_config.block_size, query_lens
 
 

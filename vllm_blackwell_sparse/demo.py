@@ -173,7 +173,7 @@ def run_demo(
         why = f"no CUDA device here ({gpu['reason']})" if not gpu["cuda"] else f"{gpu['name']} is {gpu['arch']}"
         print(f"vbs demo: {why}.")
         print("The GPU demo needs an sm90/sm100 GPU; running the CPU demonstration of the torch oracles instead "
-              f"(--num-prompts, --prompt-tokens and --max-tokens are for the GPU demo).\n")
+              "(--num-prompts, --prompt-tokens and --max-tokens are for the GPU demo).\n")
         return cpu_demo(json_path=json_path)
     model_fields, label = demo_model()
     print(f"vbs demo on {gpu['name']} ({gpu['arch']}): {label}, {num_prompts} prompts x "
@@ -254,14 +254,9 @@ def cpu_demo(json_path: str | None = None) -> int:
     return 0
 
 
-def _worker_main(argv: list[str]) -> int:
-    spec = GenerationSpec(**json.loads(argv[0]))
-    result = generate_tokens(spec)
-    Path(argv[1]).write_text(json.dumps(result))
-    return 0
-
-
 if __name__ == "__main__":
     if len(sys.argv) >= 4 and sys.argv[1] == "--worker":
-        sys.exit(_worker_main(sys.argv[2:]))
+        from vllm_blackwell_sparse.bench.engine_process import worker_main
+
+        sys.exit(worker_main(sys.argv[2:], GenerationSpec, generate_tokens))
     sys.exit(run_demo())

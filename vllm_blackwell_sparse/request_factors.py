@@ -30,6 +30,9 @@ import math
 
 import torch
 
+from vllm_blackwell_sparse.decode_factors import (
+    buffer_key, current_default, existing_decode_factor_buffer, max_decode_requests,
+)
 from vllm_blackwell_sparse.util import get_logger, warn_once
 
 logger = get_logger(__name__)
@@ -106,7 +109,6 @@ class DecodeFactorRows(LogitsProcessor):
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         from vllm_blackwell_sparse.config import load_config
-        from vllm_blackwell_sparse.decode_factors import buffer_key, max_decode_requests
 
         self.engine_factor = load_config(vllm_config).decode_threshold_scale_factor
         backend = getattr(getattr(vllm_config, "attention_config", None), "backend", None)
@@ -147,8 +149,6 @@ class DecodeFactorRows(LogitsProcessor):
             return
         if self.key is None:
             return
-        from vllm_blackwell_sparse.decode_factors import current_default, existing_decode_factor_buffer
-
         default, generation = current_default(self.key)
         if not changed and generation == self.written_generation:
             return

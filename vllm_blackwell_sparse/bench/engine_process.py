@@ -5,11 +5,41 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import threading
 from pathlib import Path
+
+
+def decode_graphs_compilation(capture_sizes) -> dict:
+    """vLLM's compilation config of the tools' engines: no torch.compile (nothing compiles cold
+    per configuration, and a factor given by environment variable changes nothing compiled),
+    full CUDA graphs for decode steps at ``capture_sizes``, as a server replays them."""
+    return {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY", "cudagraph_capture_sizes": sorted(set(capture_sizes))}
+
+
+def engine_environment(decode_factor: float | None = None, stats_interval: float | None = None) -> dict:
+    """The environment of an engine worker: this process's, with the engine core in the
+    worker's own process (so the worker reads the kernels' counters and buffers), our
+    threshold and stats variables of the caller removed, and only the given ones set."""
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_ALLOW_INSECURE_SERIALIZATION="1",
+               PYTHONUNBUFFERED="1")
+    for key in ("VBS_DECODE_THRESHOLD_SCALE_FACTOR", "VBS_PREFILL_THRESHOLD_SCALE_FACTOR", "VBS_BLASST_STATS"):
+        env.pop(key, None)
+    if decode_factor is not None:
+        env["VBS_DECODE_THRESHOLD_SCALE_FACTOR"] = repr(decode_factor)
+    if stats_interval is not None:
+        env.update(VBS_BLASST_STATS="1", VBS_BLASST_STATS_INTERVAL=f"{stats_interval:g}")
+    return env
+
+
+def worker_main(argv: list[str], spec_cls, run) -> int:
+    """The worker side of :func:`run_json_worker`: ``SPEC_JSON OUT`` -> ``run(spec_cls(**spec))`` as JSON in OUT."""
+    result = run(spec_cls(**json.loads(argv[0])))
+    Path(argv[1]).write_text(json.dumps(result))
+    return 0
 
 
 def run_json_worker(module_args: list[str], spec: dict, env: dict, timeout: float, on_line=None) -> dict:

@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 import sys
 import sysconfig
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from vllm_blackwell_sparse.bench.engine_process import decode_graphs_compilation, worker_main
 
 CONTROL_FACTOR = 1e9  # λ = factor / kv_len >= 1 for every request: the kernel runs, nothing is skipped
 DEFAULT_CELLS = ((8, 4096), (64, 4096), (8, 7000), (64, 7000))
@@ -134,8 +135,7 @@ def run_engine(spec: EngineSpec, log=print) -> dict:
     batches = sorted({c[0] for c in spec.cells})
     compilation = None
     if not spec.compile and not spec.enforce_eager:
-        compilation = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY",
-                       "cudagraph_capture_sizes": sorted({1, 2, 4, 8, 16, 32, 64} | set(batches))}
+        compilation = decode_graphs_compilation({1, 2, 4, 8, 16, 32, 64} | set(batches))
     kwargs = dict(
         model=spec.model, dtype="bfloat16", seed=0, max_model_len=spec.max_model_len, block_size=spec.block_size,
         gpu_memory_utilization=spec.gpu_memory_utilization, enforce_eager=spec.enforce_eager,
@@ -311,16 +311,9 @@ def _bytes(cell, shape, prompt_tokens) -> dict:
 
 
 def engine_env(spec: EngineSpec) -> dict:
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_ALLOW_INSECURE_SERIALIZATION="1",
-               PYTHONUNBUFFERED="1")
-    env.pop("VBS_DECODE_THRESHOLD_SCALE_FACTOR", None)
-    env.pop("VBS_BLASST_STATS", None)
-    if spec.factor is not None:
-        env["VBS_DECODE_THRESHOLD_SCALE_FACTOR"] = repr(spec.factor)
-        if spec.stats:
-            env["VBS_BLASST_STATS"] = "1"
-            env["VBS_BLASST_STATS_INTERVAL"] = "5"
-    return env
+    from vllm_blackwell_sparse.bench.engine_process import engine_environment
+
+    return engine_environment(spec.factor, 5 if spec.factor is not None and spec.stats else None)
 
 
 def run_engine_subprocess(spec: EngineSpec, timeout: float, log=print) -> dict:
@@ -431,7 +424,7 @@ def main(args) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"environment": environment(), "command": " ".join(sys.argv), "model": model,
-              "model_provenance": _provenance(model), "engines": []}
+              "model_provenance": model_provenance(model), "engines": []}
     if out.exists() and args.append:
         result["engines"] = json.loads(out.read_text()).get("engines", [])
     for i, spec in enumerate(specs):
@@ -463,20 +456,14 @@ def resolve_model(model: str | None) -> str:
     return str(path)
 
 
-def _provenance(model: str):
+def model_provenance(model: str) -> dict | None:
+    """What ``vbs model prepare`` recorded about the checkpoint (None if it did not write it)."""
     from vllm_blackwell_sparse.models.prepare import read_provenance
 
     return read_provenance(model)
 
 
-def _engine_main(argv: list[str]) -> int:
-    spec = EngineSpec(**json.loads(argv[0]))
-    result = run_engine(spec)
-    Path(argv[1]).write_text(json.dumps(result))
-    return 0
-
-
 if __name__ == "__main__":
     if len(sys.argv) >= 4 and sys.argv[1] == "--engine":
-        sys.exit(_engine_main(sys.argv[2:]))
+        sys.exit(worker_main(sys.argv[2:], EngineSpec, run_engine))
     raise SystemExit("run it as `vbs bench serve`")

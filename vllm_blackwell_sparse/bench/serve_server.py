@@ -21,6 +21,7 @@ import threading
 import time
 from pathlib import Path
 
+from vllm_blackwell_sparse.bench.engine_process import decode_graphs_compilation
 from vllm_blackwell_sparse.bench.serve import DEFAULT_CELLS, corpus_token_slices, engine_env, engine_specs
 
 STATS_LINE = re.compile(r"BLASST decode: ([0-9.]+)% of (\d+) eligible tiles skipped")
@@ -46,8 +47,7 @@ def start_server(spec, port: int, log_path: Path) -> subprocess.Popen:
     if spec.enforce_eager:
         cmd.append("--enforce-eager")
     elif not spec.compile:
-        cmd += ["--compilation-config", json.dumps({"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY",
-                                                    "cudagraph_capture_sizes": sorted({1, 2, 4, 8} | set(batches))})]
+        cmd += ["--compilation-config", json.dumps(decode_graphs_compilation({1, 2, 4, 8} | set(batches)))]
     return subprocess.Popen(cmd, env=env, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
 
 

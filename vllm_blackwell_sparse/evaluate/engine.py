@@ -16,13 +16,12 @@ comes from prefill and is not scored. Check: the same positions scored by a pref
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from vllm_blackwell_sparse.bench.engine_process import decode_graphs_compilation, worker_main
 from vllm_blackwell_sparse.evaluate import fit as fitting
 from vllm_blackwell_sparse.evaluate import tasks
 
@@ -135,9 +134,8 @@ def run(spec: EvalEngineSpec, log=print) -> dict:
         max_num_seqs=spec.max_num_seqs, enforce_eager=spec.enforce_eager, enable_prefix_caching=False,
         async_scheduling=False, attention_config={"backend": spec.backend}, generation_config="vllm",
         logits_processors=[ForcedTokens],
-        **({} if spec.enforce_eager else {"compilation_config": {
-            "mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY",
-            "cudagraph_capture_sizes": sorted({1, 2, 4, 8, 16, 32, 64, spec.max_num_seqs})}}),
+        **({} if spec.enforce_eager else {
+            "compilation_config": decode_graphs_compilation({1, 2, 4, 8, 16, 32, 64, spec.max_num_seqs})}),
     )
     tok = llm.get_tokenizer()
     ids = tok.encode(tasks.corpus_text(), add_special_tokens=False)
@@ -288,12 +286,5 @@ def task_calibrate(llm, tok, ids, cfg, counting, params_cls, spec) -> dict:
 TASKS = {"loglik": task_loglik, "passkey": task_passkey, "agreement": task_agreement, "calibrate": task_calibrate}
 
 
-def main(argv: list[str]) -> int:
-    spec = EvalEngineSpec(**json.loads(argv[0]))
-    result = run(spec)
-    Path(argv[1]).write_text(json.dumps(result))
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(worker_main(sys.argv[1:], EvalEngineSpec, run))

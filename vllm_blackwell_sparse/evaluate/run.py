@@ -4,7 +4,6 @@ a markdown table beside it and a PNG (see ``engine`` for the method)."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -18,14 +17,11 @@ START_FACTOR = 1e9
 
 
 def engine_env(spec: EvalEngineSpec) -> dict:
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_ALLOW_INSECURE_SERIALIZATION="1",
-               PYTHONUNBUFFERED="1")
-    for key in ("VBS_DECODE_THRESHOLD_SCALE_FACTOR", "VBS_PREFILL_THRESHOLD_SCALE_FACTOR"):
-        env.pop(key, None)
-    if spec.backend == "CUSTOM":
-        env.update(VBS_DECODE_THRESHOLD_SCALE_FACTOR=repr(START_FACTOR), VBS_BLASST_STATS="1",
-                   VBS_BLASST_STATS_INTERVAL="3600")
-    return env
+    from vllm_blackwell_sparse.bench.engine_process import engine_environment
+
+    if spec.backend == "CUSTOM":  # counters on, read by the worker itself (logged once an hour at most)
+        return engine_environment(START_FACTOR, stats_interval=3600)
+    return engine_environment()
 
 
 def run_engine_subprocess(spec: EvalEngineSpec, timeout: float, log=print) -> dict:
@@ -44,12 +40,6 @@ def _environment() -> dict:
     from vllm_blackwell_sparse.bench.topk import environment
 
     return environment()
-
-
-def _provenance(model: str):
-    from vllm_blackwell_sparse.models.prepare import read_provenance
-
-    return read_provenance(Path(model))
 
 
 # --------------------------------------------------------------------------------------
@@ -110,12 +100,17 @@ def summarize_eval(engines: list[dict]) -> dict:
     return {"rows": rows}
 
 
+def _model_label(result: dict) -> str:
+    """The model and where its weights came from (``vbs model prepare``'s record)."""
+    return f"{result['model']} ({(result.get('model_provenance') or {}).get('label', 'source unknown')})"
+
+
 def eval_markdown(result: dict) -> str:
     def pct(x):
         return "–" if x is None else f"{100 * x:.1f}%"
 
-    lines = [f"Model: {result['model']} ({(result.get('model_provenance') or {}).get('label', 'source unknown')}); "
-             f"text: {tasks.CORPUS_NAME}; {result['environment'].get('gpu')}, commit {result['environment'].get('commit')}.",
+    env = result["environment"]
+    lines = [f"Model: {_model_label(result)}; text: {tasks.CORPUS_NAME}; {env.get('gpu')}, commit {env.get('commit')}.",
              "",
              "| config | length | skipped (loglik decode) | Δ logprob/token vs control (95% CI) | vs FA3 | perplexity "
              "| passkey (95% CI) | skipped (passkey) | greedy match vs control / vs FA3 |",
@@ -178,7 +173,7 @@ def eval_plot(result: dict, path: Path) -> Path | None:
 
 
 def main_eval(args) -> int:
-    from vllm_blackwell_sparse.bench.serve import resolve_model
+    from vllm_blackwell_sparse.bench.serve import model_provenance, resolve_model
 
     model = resolve_model(args.model)
     lengths = [int(x) for x in args.lengths]
@@ -190,7 +185,7 @@ def main_eval(args) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"environment": _environment(), "command": " ".join(sys.argv), "model": model,
-              "model_provenance": _provenance(model), "corpus": tasks.CORPUS_NAME, "engines": []}
+              "model_provenance": model_provenance(model), "corpus": tasks.CORPUS_NAME, "engines": []}
     for spec in specs:
         print(f"{spec.name}: starting ({len(spec.factors)} setting(s): {', '.join(map(str, spec.factors))})", flush=True)
         r = run_engine_subprocess(spec, args.engine_timeout)
@@ -227,8 +222,8 @@ def held_back_mean(target: dict) -> float:
 def calibrate_markdown(result: dict) -> str:
     cal = result["calibration"]
     lengths = sorted({p["kv_len"] for p in cal["points"]})
-    lines = [f"Model: {result['model']} ({(result.get('model_provenance') or {}).get('label', 'source unknown')}); "
-             f"decode skipped fraction on {tasks.CORPUS_NAME} (calibration: first half; held back: second half).", "",
+    lines = [f"Model: {_model_label(result)}; decode skipped fraction on {tasks.CORPUS_NAME} (calibration: first half; "
+             "held back: second half).", "",
              "| factor | " + " | ".join(f"{n} tokens" for n in lengths) + " |",
              "|---|" + "---|" * len(lengths)]
     for f, cells in cal["grid"].items():
@@ -287,7 +282,7 @@ def calibrate_plot(result: dict, path: Path) -> Path | None:
 
 
 def main_calibrate(args) -> int:
-    from vllm_blackwell_sparse.bench.serve import resolve_model
+    from vllm_blackwell_sparse.bench.serve import model_provenance, resolve_model
 
     if args.phase != "decode":
         print("vbs calibrate: --phase prefill is not available yet: prefill runs dense FA3 (BLASST prefill is "
@@ -313,7 +308,7 @@ def main_calibrate(args) -> int:
         print(f"calibration failed ({r['error']}):\n{r['log_tail']}", file=sys.stderr)
         return 1
     result = {"environment": _environment(), "command": " ".join(sys.argv), "model": model,
-              "model_provenance": _provenance(model), "engine": {k: v for k, v in r.items() if k != "settings"},
+              "model_provenance": model_provenance(model), "engine": {k: v for k, v in r.items() if k != "settings"},
               "calibration": r["settings"][0]["tasks"]["calibrate"]}
     out.write_text(json.dumps(result, indent=1))
     md = calibrate_markdown(result)
